@@ -1,0 +1,1 @@
+"""t2i-align: text-image alignment fine-tuning for diffusion models."""

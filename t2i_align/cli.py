@@ -1,0 +1,71 @@
+"""The ``t2i-align`` command: a LightningCLI (fit / validate / test / predict, --print_config).
+
+Configs compose by stacking ``--config`` files from ``configs/`` (trainer, model, method, data, logger,
+experiment); any key can be overridden on the command line (``--model.init_args.seed=3``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+from t2i_align.datamodules.datamodule import T2IDataModule
+from t2i_align.lightning_modules.base import AlignmentModule
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Save the resolved config inside the run's own folder and hand it to the loggers.
+
+    Lightning's default writes ``<log_dir>/config.yaml``; with ``WandbLogger`` that is the working
+    directory, so the second run (or sweep trial) started there crashes on the existing file. Here the
+    file goes to the W&B run folder (uploaded with the run) or the CSV/TensorBoard version folder.
+    """
+
+    def __init__(self, parser, config, config_filename: str = "config.yaml", overwrite: bool = True, multifile: bool = False):
+        super().__init__(parser, config, config_filename, overwrite, multifile, save_to_log_dir=False)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:  # rank 0 only
+        config = self.config.as_dict()
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                run_dir = logger.experiment.dir
+                logger.experiment.config.update(config, allow_val_change=True)
+            else:
+                run_dir = logger.log_dir
+                logger.log_hyperparams(config)
+            if run_dir:
+                os.makedirs(run_dir, exist_ok=True)
+                self.parser.save(self.config, os.path.join(run_dir, self.config_filename), skip_none=False, overwrite=True)
+        if not trainer.loggers:
+            os.makedirs(trainer.default_root_dir, exist_ok=True)
+            path = os.path.join(trainer.default_root_dir, self.config_filename)
+            self.parser.save(self.config, path, skip_none=False, overwrite=True)
+
+
+class T2ICLI(LightningCLI):
+    """LightningCLI with the project's defaults: any :class:`AlignmentModule` method, any
+    :class:`T2IDataModule`, atomic checkpoint writes and the run-folder config callback."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_callback", RunConfigCallback)
+        trainer_defaults = {"plugins": {"class_path": "t2i_align.io.AtomicCheckpointIO"}}
+        trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
+        super().__init__(
+            AlignmentModule,
+            T2IDataModule,
+            *args,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults=trainer_defaults,
+            **kwargs,
+        )
+
+
+def main(args: list[str] | None = None) -> None:
+    T2ICLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Data: prompt-file readers, image-caption(-mask) pairs, resumable samplers and the LightningDataModule."""
+
+from .datamodule import T2IDataModule
+from .pairs import PAIR_FORMATS, PairDataset, PairFileError, PairRecord, PairSource, collate_pairs
+from .prompts import (
+    PROMPT_FORMATS,
+    Prompt,
+    PromptDataset,
+    PromptFileError,
+    PromptSource,
+    collate_prompts,
+    load_prompt_sources,
+    read_prompts,
+    sniff_format,
+)
+from .sampler import ShardSampler, StreamSampler
+
+__all__ = [
+    "PAIR_FORMATS",
+    "PROMPT_FORMATS",
+    "PairDataset",
+    "PairFileError",
+    "PairRecord",
+    "PairSource",
+    "Prompt",
+    "PromptDataset",
+    "PromptFileError",
+    "PromptSource",
+    "ShardSampler",
+    "StreamSampler",
+    "T2IDataModule",
+    "collate_pairs",
+    "collate_prompts",
+    "load_prompt_sources",
+    "read_prompts",
+    "sniff_format",
+]

@@ -1,0 +1,318 @@
+"""The generator: a Stable Diffusion UNet with LoRA (or full fine-tuning), prompt encoding with CFG,
+the denoising loss, and a sampler whose gradient rule is a :mod:`~t2i_align.diffusion.policies` policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from t2i_align.diffusion.attention import AttentionStore, cross_attention_layer_names, install_capture
+from t2i_align.diffusion.loading import load_sd_components
+from t2i_align.diffusion.policies import GradientPolicy, NoGrad
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the UNet through peft.
+
+    Args:
+        rank: LoRA rank r.
+        alpha: LoRA alpha (scale alpha / r); None means alpha = rank.
+        target_modules: module-name patterns that get LoRA (SD attention projections by default).
+        init: peft ``init_lora_weights`` (True: B = 0 so training starts at the base model; "gaussian", ...).
+        dropout: LoRA dropout.
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    init: bool | str = True
+    dropout: float = 0.0
+
+
+@dataclass
+class GeneratorConfig:
+    """Which model to load and what to train.
+
+    Args:
+        pretrained: local diffusers folder or hub id of an SD 1.x/2.x pipeline.
+        revision: hub revision.
+        variant: weight variant on the hub (e.g. "fp16").
+        lora: LoRA settings; None trains the full UNet.
+        weight_dtype: dtype of the frozen weights (trainable ones are always float32).
+        gradient_checkpointing: wrap grad-enabled UNet calls in non-reentrant checkpointing.
+    """
+
+    pretrained: str
+    revision: str | None = None
+    variant: str | None = None
+    lora: LoraSettings | None = field(default_factory=LoraSettings)
+    weight_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SampleOutput:
+    latents: torch.Tensor  # final latents (the one-step x0 prediction for a policy that stops early)
+    images: torch.Tensor | None  # decoded, B x 3 x H x W in [0, 1]
+    attention: AttentionStore | None
+    plan_grad_steps: tuple[int, ...]
+
+
+def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, so a sample's noise depends on its own seed only."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+class Generator(nn.Module):
+    """Tokenizer, text encoder, VAE and UNet of a Stable Diffusion pipeline.
+
+    Only the UNet (its LoRA, or all of it) is trainable. Text encoder and VAE are frozen and kept in
+    ``weight_dtype``; trainable parameters stay float32 and the forward runs under autocast when
+    ``weight_dtype`` is a half type.
+    """
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.weight_dtype = DTYPES[config.weight_dtype]
+        parts = load_sd_components(config.pretrained, config.revision, config.variant, dtype=self.weight_dtype)
+        self.tokenizer = parts.tokenizer
+        self.text_encoder = parts.text_encoder.requires_grad_(False).eval()
+        self.vae = parts.vae.requires_grad_(False).eval()
+        self.unet = parts.unet
+        self.scheduler_config = parts.scheduler_config
+        self.train_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        if config.lora is None:
+            self.unet.requires_grad_(True).to(torch.float32)
+        else:
+            self.unet.requires_grad_(False)
+            self.unet.add_adapter(self.lora_config())
+            for p in self.unet.parameters():  # peft creates LoRA in the base dtype: train it in fp32
+                if p.requires_grad:
+                    p.data = p.data.float()
+        self._empty_embedding: torch.Tensor | None = None
+        self.attention_store: AttentionStore | None = None
+
+    # ----------------------------------------------------------------------------- configuration
+    def lora_config(self):
+        from peft import LoraConfig
+
+        lora = self.config.lora
+        assert lora is not None
+        return LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
+            target_modules=list(lora.target_modules),
+            init_lora_weights=lora.init,
+            lora_dropout=lora.dropout,
+        )
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_resolution(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def enable_attention_capture(self, layers: list[str] | None = None) -> AttentionStore:
+        """Install capture processors on ``layers`` (default: mid + up cross-attention) and return the store."""
+        if self.attention_store is None:
+            self.attention_store = AttentionStore()
+        install_capture(self.unet, layers or cross_attention_layer_names(self.unet), self.attention_store)
+        return self.attention_store
+
+    def autocast(self):
+        if self.weight_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.weight_dtype)
+
+    # ------------------------------------------------------------------------------- text & vae
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP text-encoder hidden states ``[B, 77, D]`` (frozen encoder, no gradient)."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        with self.autocast():
+            return self.text_encoder(ids)[0]
+
+    def empty_embedding(self) -> torch.Tensor:
+        """Embedding of the empty prompt (the unconditional branch of CFG), computed once per device."""
+        if self._empty_embedding is None or self._empty_embedding.device != self.device:
+            self._empty_embedding = self.encode_prompts([""])
+        return self._empty_embedding
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> scaled VAE latents (a sample of the posterior, seeded by ``generator``)."""
+        with self.autocast():
+            dist = self.vae.encode((pixels * 2 - 1).to(self.vae.dtype)).latent_dist
+        noise = randn_tensor(dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
+        return (dist.mean + dist.std * noise).float() * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1] (differentiable)."""
+        with self.autocast():
+            images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------------------------- unet
+    def unet_forward(self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
+        """One UNet call; with ``use_checkpoint`` (and grad on) it is wrapped in non-reentrant checkpointing."""
+
+        def run(x, t, c):
+            with self.autocast():
+                return self.unet(x, t, encoder_hidden_states=c).sample.float()
+
+        if use_checkpoint and torch.is_grad_enabled():
+            store = self.attention_store
+            kwargs = {}
+            if store is not None:
+                # The backward re-run must take the same attention path without overwriting the maps.
+                recording = store.recording
+                kwargs["context_fn"] = lambda: (contextlib.nullcontext(), store.replay(recording))
+            return checkpoint(run, latents, timesteps, embeddings, use_reentrant=False, **kwargs)
+        return run(latents, timesteps, embeddings)
+
+    def predict_x0(self, scheduler, latents: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """One-step clean-latent prediction from x_t for epsilon- and v-prediction models."""
+        alpha = scheduler.alphas_cumprod.to(latents.device)[t].float()
+        sigma = (1 - alpha).sqrt()
+        if self.prediction_type == "epsilon":
+            return (latents - sigma * model_output) / alpha.sqrt()
+        if self.prediction_type == "v_prediction":
+            return alpha.sqrt() * latents - sigma * model_output
+        raise ValueError(f"unsupported prediction_type '{self.prediction_type}'")
+
+    def denoising_loss(
+        self,
+        pixels: torch.Tensor,
+        prompts: Sequence[str],
+        generator: torch.Generator | None = None,
+        record_attention: bool = False,
+    ) -> torch.Tensor:
+        """The plain latent-diffusion loss (MSE to epsilon or v) on image-caption pairs.
+
+        ``generator`` fixes the VAE posterior sample, the noise and the timesteps, so a step is exactly
+        reproducible from its seed (this is what makes resume bit-for-bit on CPU).
+        """
+        latents = self.encode_images(pixels.to(self.device), generator)
+        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        steps = self.train_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
+        noisy = self.train_scheduler.add_noise(latents, noise, t)
+        target = noise if self.prediction_type == "epsilon" else self.train_scheduler.get_velocity(latents, noise, t)
+        embeddings = self.encode_prompts(prompts)
+        store = self.attention_store
+        ctx = store.record(0, False, tuple(latents.shape[-2:])) if (record_attention and store is not None) else contextlib.nullcontext()
+        with ctx:
+            pred = self.unet_forward(noisy, t, embeddings, use_checkpoint=self.config.gradient_checkpointing)
+        return F.mse_loss(pred, target.float())
+
+    # ---------------------------------------------------------------------------------- sampling
+    def make_scheduler(self, kind: str, num_inference_steps: int):
+        if kind not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler '{kind}', expected one of {sorted(SCHEDULERS)}")
+        scheduler = SCHEDULERS[kind].from_config(self.scheduler_config)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return scheduler
+
+    def sample(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        scheduler: Literal["ddim", "ddpm"] = "ddim",
+        eta: float = 0.0,
+        policy: GradientPolicy | None = None,
+        policy_generator: torch.Generator | None = None,
+        resolution: int | None = None,
+        decode: bool = True,
+        record_attention: bool | Sequence[int] = False,
+        embeddings: torch.Tensor | None = None,
+    ) -> SampleOutput:
+        """Generate from per-sample seeded noise with the gradient rule of ``policy``.
+
+        Steps outside the policy's grad steps run the UNet under ``no_grad``. From the first grad step
+        on, the scheduler update stays in the graph. ``record_attention``: True records the grad steps
+        (or every step under a no-grad policy); a sequence records exactly those step indices.
+        With grad disabled by the caller (evaluation) nothing carries gradient whatever the policy.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        policy = policy or NoGrad()
+        plan = policy.plan(num_inference_steps, policy_generator)
+        sched = self.make_scheduler(scheduler, num_inference_steps)
+        grad_allowed = torch.is_grad_enabled()
+        cfg = guidance_scale > 1.0
+
+        cond = self.encode_prompts(prompts) if embeddings is None else embeddings
+        if cfg:
+            cond = torch.cat([self.empty_embedding().expand_as(cond), cond])
+        resolution = resolution or self.default_resolution
+        latent_side = resolution // self.vae_scale_factor
+        shape = (len(prompts), self.unet.config.in_channels, latent_side, latent_side)
+        gens = seeded_generators(seeds)
+        latents = randn_tensor(shape, generator=gens, device=self.device, dtype=torch.float32) * sched.init_noise_sigma
+
+        if record_attention is True:
+            record_steps = set(plan.grad_steps) or set(range(num_inference_steps))
+        else:
+            record_steps = set(record_attention or ())
+        if record_steps and self.attention_store is None:
+            self.enable_attention_capture()
+        store = self.attention_store
+        if store is not None:
+            store.clear()
+
+        in_graph = False  # becomes True at the first grad step: later updates stay differentiable
+        for i, t in enumerate(sched.timesteps):
+            grad_step = grad_allowed and i in plan.grad_steps
+            x = latents.detach() if (grad_step and plan.detach_input) else latents
+            x_in = sched.scale_model_input(torch.cat([x, x]) if cfg else x, t)
+            rec = store.record(i, cfg, (latent_side, latent_side)) if i in record_steps else contextlib.nullcontext()
+            with torch.set_grad_enabled(grad_step), rec:
+                out = self.unet_forward(x_in, t, cond, use_checkpoint=grad_step and self.config.gradient_checkpointing)
+            if cfg:
+                uncond, text = out.chunk(2)
+                out = uncond + guidance_scale * (text - uncond)
+            if plan.stop_at == i:
+                latents = self.predict_x0(sched, latents, out, t)
+                break
+            in_graph = in_graph or grad_step
+            with torch.set_grad_enabled(in_graph):
+                step_kwargs = {"eta": eta} if scheduler == "ddim" else {}
+                latents = sched.step(out, t, latents, generator=gens, **step_kwargs).prev_sample
+        images = self.decode_latents(latents) if decode else None
+        attention = store.snapshot() if record_steps else None
+        return SampleOutput(latents, images, attention, tuple(sorted(plan.grad_steps)))

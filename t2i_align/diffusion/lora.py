@@ -1,0 +1,28 @@
+"""LoRA export in the diffusers format that ``pipeline.load_lora_weights`` reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
+
+from t2i_align.diffusion.generator import Generator
+from t2i_align.io import atomic_path
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def export_lora(generator: Generator, out_dir: str | Path) -> Path:
+    """Write ``out_dir/pytorch_lora_weights.safetensors`` (with rank/alpha metadata) atomically."""
+    if generator.config.lora is None:
+        raise ValueError("export_lora needs a LoRA generator; this one fine-tunes the full UNet")
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(generator.unet))
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+    # The adapter config travels as safetensors metadata, so loaders recover rank and alpha.
+    metadata = generator.lora_config().to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+    return Path(out_dir) / LORA_WEIGHT_NAME

@@ -1,0 +1,88 @@
+"""Gradient policies: which denoising steps of a sampling chain carry gradient (METHODS.md §0).
+
+A policy turns the number of steps and a random generator into a :class:`StepPlan`. The sampler
+runs every other UNet call under ``no_grad``; from the first grad step on, the scheduler update
+stays differentiable (the "skip path" from later latents back to that step's prediction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    grad_steps: frozenset[int]
+    stop_at: int | None = None  # predict x0 in one step from x_t at this step and stop (ReFL)
+    detach_input: bool = False  # detach the UNet input at grad steps (CoMat's SDXL code)
+
+
+def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
+    """Uniform integer in [low, high]."""
+    return int(torch.randint(low, high + 1, (1,), generator=generator).item())
+
+
+class GradientPolicy:
+    """Base class; subclasses implement :meth:`plan`."""
+
+    def plan(self, num_steps: int, generator: torch.Generator | None = None) -> StepPlan:
+        raise NotImplementedError
+
+
+class NoGrad(GradientPolicy):
+    """Every step without gradient (evaluation, data generation)."""
+
+    def plan(self, num_steps: int, generator: torch.Generator | None = None) -> StepPlan:
+        return StepPlan(frozenset())
+
+
+class ReFL(GradientPolicy):
+    """ImageReward's ReFL: no-grad steps 0..m-1, one grad UNet call at step m ~ U[min_step, max_step],
+    then a one-step x0 prediction. Defaults are ImageReward's code (T = 40, m in [30, 39])."""
+
+    def __init__(self, min_step: int = 30, max_step: int = 39) -> None:
+        if not 0 <= min_step <= max_step:
+            raise ValueError(f"ReFL needs 0 <= min_step <= max_step, got {min_step}, {max_step}")
+        self.min_step, self.max_step = min_step, max_step
+
+    def plan(self, num_steps: int, generator: torch.Generator | None = None) -> StepPlan:
+        if self.max_step >= num_steps:
+            raise ValueError(f"ReFL max_step={self.max_step} must be < num_inference_steps={num_steps}")
+        m = _randint(self.min_step, self.max_step, generator)
+        return StepPlan(frozenset({m}), stop_at=m)
+
+
+class Strided(GradientPolicy):
+    """CoMat: K grad steps at s, s+stride, ..., with a random phase s in [0, stride-1]."""
+
+    def __init__(self, num_grad_steps: int = 5, stride: int = 10, detach_input: bool = False) -> None:
+        if num_grad_steps < 1 or stride < 1:
+            raise ValueError("Strided needs num_grad_steps >= 1 and stride >= 1")
+        self.num_grad_steps, self.stride, self.detach_input = num_grad_steps, stride, detach_input
+
+    def plan(self, num_steps: int, generator: torch.Generator | None = None) -> StepPlan:
+        span = (self.num_grad_steps - 1) * self.stride
+        if span >= num_steps:
+            raise ValueError(
+                f"Strided with {self.num_grad_steps} grad steps every {self.stride} needs more than {span} "
+                f"steps, got num_inference_steps={num_steps}"
+            )
+        phase = _randint(0, min(self.stride - 1, num_steps - 1 - span), generator)
+        steps = frozenset(phase + k * self.stride for k in range(self.num_grad_steps))
+        return StepPlan(steps, detach_input=self.detach_input)
+
+
+class LastK(GradientPolicy):
+    """DRaFT-K / AlignProp: gradient through the last K steps (K ~ U[1, k] when ``random_k``)."""
+
+    def __init__(self, k: int = 1, random_k: bool = False) -> None:
+        if k < 1:
+            raise ValueError(f"LastK needs k >= 1, got {k}")
+        self.k, self.random_k = k, random_k
+
+    def plan(self, num_steps: int, generator: torch.Generator | None = None) -> StepPlan:
+        k = _randint(1, self.k, generator) if self.random_k else self.k
+        k = min(k, num_steps)
+        return StepPlan(frozenset(range(num_steps - k, num_steps)))

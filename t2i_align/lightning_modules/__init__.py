@@ -1,0 +1,6 @@
+"""Methods: one LightningModule per file on top of :class:`~t2i_align.lightning_modules.base.AlignmentModule`."""
+
+from t2i_align.lightning_modules.base import AlignmentModule
+from t2i_align.lightning_modules.finetune import Finetune
+
+__all__ = ["AlignmentModule", "Finetune"]

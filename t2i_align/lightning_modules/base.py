@@ -1,0 +1,118 @@
+"""Shared wiring of every method: the generator, optimizers, per-step seeds, non-finite-loss guard,
+sampler progress and adapter-only checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from t2i_align.diffusion.generator import Generator, GeneratorConfig
+
+
+def _adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of values (stable across processes and Python runs)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class AlignmentModule(L.LightningModule):
+    """Base class of the methods. Subclasses implement ``training_step`` (and usually ``validation_step``).
+
+    Args:
+        generator: which pipeline to load and what to train (LoRA or full UNet).
+        optimizer: optimizer over the trainable parameters, e.g. ``torch.optim.AdamW`` with ``lr``.
+        lr_scheduler: optional scheduler, stepped every optimizer step.
+        seed: base of every per-step random stream (noise, timesteps, sampling).
+        max_consecutive_nonfinite: stop the run after this many consecutive steps with a NaN/inf loss.
+    """
+
+    def __init__(
+        self,
+        generator: GeneratorConfig,
+        optimizer: OptimizerCallable = _adamw,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        seed: int = 0,
+        max_consecutive_nonfinite: int = 5,
+    ) -> None:
+        super().__init__()
+        self.generator = Generator(generator)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.seed = seed
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.train_batches = 0  # batches seen, skipped ones included; keys the per-step random streams
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        # Checkpoints hold trainable state only; the frozen base is reloaded from `generator.pretrained`.
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.generator.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def step_generator(self, stream: str = "train") -> torch.Generator:
+        """Random generator for this batch: a function of (seed, stream, batch count, rank) only, so a
+        resumed run draws exactly what the uninterrupted run would have drawn."""
+        return torch.Generator("cpu").manual_seed(derive_seed(self.seed, stream, self.train_batches, self.global_rank))
+
+    def guard_nonfinite(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """Return ``loss``, or None (Lightning then skips backward and the optimizer step) when it is NaN/inf
+        on any rank. All ranks take the same decision, so DDP never waits on a rank that skipped."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            self.nonfinite_run = 0
+            return loss
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+        if self.nonfinite_run >= self.max_consecutive_nonfinite:
+            raise RuntimeError(
+                f"the training loss was NaN/inf on {self.nonfinite_run} consecutive steps (limit "
+                f"max_consecutive_nonfinite={self.max_consecutive_nonfinite}; {self.nonfinite_total} in this run). "
+                "Lower the learning rate, use bf16 instead of fp16, or check the data."
+            )
+        return None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.train_batches += 1
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "advance"):
+            datamodule.advance()  # the sampler position counts samples actually trained on
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def trainable_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keys = self.trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        checkpoint["t2i_align"] = {
+            "train_batches": self.train_batches,
+            "nonfinite_total": self.nonfinite_total,
+            "seed": self.seed,
+            "pretrained": self.generator.config.pretrained,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected, found = self.trainable_keys(), set(checkpoint.get("state_dict", {}))
+        if expected != found:
+            missing, unexpected = sorted(expected - found), sorted(found - expected)
+            raise RuntimeError(
+                f"the checkpoint's trainable state does not fit this model: {len(missing)} missing keys "
+                f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}. Was it trained with another "
+                "LoRA rank/target_modules, or with full fine-tuning?"
+            )
+        state = checkpoint.get("t2i_align", {})
+        self.train_batches = int(state.get("train_batches", 0))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))

@@ -1,0 +1,33 @@
+"""Shared fixtures: the tiny SD pipeline saved to a temporary folder (loaded back like a real model)."""
+
+import os
+
+# No test may reach the network: make huggingface_hub fail fast instead of retrying connections.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from t2i_align.diffusion.tiny import save_tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> str:
+    """Folder of a tiny epsilon-prediction SD pipeline (random weights, seed 0)."""
+    return str(save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory) -> str:
+    """Folder of a tiny v-prediction SD pipeline (as SD 2.x 768)."""
+    return str(save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd_v"), prediction_type="v_prediction"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory) -> str:
+    """A 16-pair synthetic set in TokenCompose's metadata.jsonl layout, 32 px."""
+    from t2i_align.datamodules.synthetic import write_shape_pairs
+
+    return str(write_shape_pairs(tmp_path_factory.mktemp("pairs"), count=16, size=32))

@@ -1,0 +1,81 @@
+"""Cross-attention capture: same output as SDPA, proper probabilities, gradients under checkpointing."""
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from t2i_align.diffusion.attention import CaptureProcessor, cross_attention_layer_names
+from t2i_align.diffusion.generator import Generator, GeneratorConfig
+from t2i_align.diffusion.policies import Strided
+
+
+def make(path, **kw) -> Generator:
+    gen = Generator(GeneratorConfig(pretrained=path, **kw))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in gen.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return gen
+
+
+def test_only_chosen_cross_attention_layers_get_the_capture_processor(tiny_sd):
+    gen = make(tiny_sd)
+    layers = cross_attention_layer_names(gen.unet)
+    assert layers and all(n.endswith("attn2") and n.startswith(("mid_block", "up_blocks")) for n in layers)
+    gen.enable_attention_capture()
+    procs = gen.unet.attn_processors
+    for name, proc in procs.items():
+        layer = name.removesuffix(".processor")
+        expected = CaptureProcessor if layer in layers else AttnProcessor2_0
+        assert type(proc) is expected, name
+
+
+def test_capture_output_equals_sdpa_and_maps_are_distributions(tiny_sd):
+    gen = make(tiny_sd)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    emb = gen.encode_prompts(["a red circle and a blue square", "two green stars"])
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        reference = gen.unet_forward(x, t, emb)
+        store = gen.enable_attention_capture()
+        with store.record(step=0, cfg=False, latent_hw=(16, 16)):
+            captured = gen.unet_forward(x, t, emb)
+    torch.testing.assert_close(captured, reference, atol=1e-5, rtol=1e-5)
+    maps = store.layers(0)
+    assert set(maps) == set(cross_attention_layer_names(gen.unet))
+    for m in maps.values():
+        assert m.shape[0] == 2 and m.shape[-1] == 77
+        torch.testing.assert_close(m.sum(-1), torch.ones(m.shape[:-1]), atol=1e-5, rtol=0)
+    groups = store.by_resolution(0)
+    assert sorted(groups) == [8, 16] and all(g[0].shape[1:3] == (r, r) for r, g in groups.items())
+
+
+def test_cfg_keeps_the_conditional_half_only(tiny_sd):
+    gen = make(tiny_sd)
+    kw = dict(num_inference_steps=3, decode=False)
+    with torch.no_grad():
+        out = gen.sample(["a red circle"], [0], guidance_scale=5.0, record_attention=[0, 2], **kw)
+        # Step 0 sees the same latents in all three runs: the CFG run's kept maps must be the prompt's.
+        cond = gen.sample(["a red circle"], [0], guidance_scale=1.0, record_attention=[0], **kw)
+        uncond = gen.sample([""], [0], guidance_scale=1.0, record_attention=[0], **kw)
+    assert out.attention.steps == [0, 2]
+    assert all(m.shape[0] == 1 for m in out.attention.layers(2).values())
+    for name, m in out.attention.layers(0).items():
+        torch.testing.assert_close(m, cond.attention.layers(0)[name], atol=1e-6, rtol=1e-5)
+        assert (m - uncond.attention.layers(0)[name]).abs().max() > 1e-4
+
+
+def test_maps_carry_gradient_under_checkpointing(tiny_sd):
+    grads = []
+    for ckpt in (False, True):
+        gen = make(tiny_sd, gradient_checkpointing=ckpt)
+        out = gen.sample(["a red circle"], [0], num_inference_steps=6, guidance_scale=3.0, policy=Strided(2, 2),
+                         policy_generator=torch.Generator().manual_seed(0), record_attention=True, decode=False)
+        assert len(out.attention.steps) == 2  # both grad steps, each under its own key
+        loss = sum((m[..., 1:4] ** 2).sum() for step in out.attention.steps for m in out.attention.layers(step).values())
+        assert loss.requires_grad
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in gen.trainable_parameters()]))
+        # the backward re-run must not have added or replaced maps
+        assert len(out.attention.maps) == 2 * len(cross_attention_layer_names(gen.unet))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)

@@ -1,0 +1,203 @@
+"""Generator: loading, trainable parts, dtypes, the denoising loss and the sampler's gradient policies."""
+
+import pytest
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from t2i_align.diffusion.generator import Generator, GeneratorConfig, LoraSettings, seeded_generators
+from t2i_align.diffusion.loading import ModelLoadError, load_sd_components
+from t2i_align.diffusion.policies import LastK, NoGrad, ReFL, Strided
+from t2i_align.diffusion.tiny import build_tiny_components
+
+
+def make(path, **kw) -> Generator:
+    return Generator(GeneratorConfig(pretrained=path, **kw))
+
+
+def randomise_lora(gen: Generator, seed: int = 0) -> None:
+    """LoRA starts as a no-op (B = 0); give it weights so it changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in gen.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def count_grad_unet_calls(gen: Generator):
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append((torch.is_grad_enabled(), args[0].requires_grad))
+
+    handle = gen.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls, handle
+
+
+# ------------------------------------------------------------------------------------------- loading
+def test_saved_tiny_pipeline_loads_back_identically(tiny_sd):
+    built = build_tiny_components(seed=0)
+    loaded = load_sd_components(tiny_sd)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = built[name].state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert loaded.tokenizer("a red circle").input_ids == built["tokenizer"]("a red circle").input_ids
+    assert loaded.scheduler_config["prediction_type"] == "epsilon"
+
+
+def test_hub_id_without_network_says_so():
+    with pytest.raises(ModelLoadError, match="network") as err:
+        load_sd_components("t2i-align-test/no-such-model")
+    assert "local folder" in str(err.value)
+
+
+def test_incomplete_local_folder_names_missing_parts(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ModelLoadError, match="missing subfolder") as err:
+        load_sd_components(str(tmp_path))
+    assert "vae" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+# ----------------------------------------------------------------------------------- trainable parts
+def test_lora_trains_only_adapters_in_fp32_with_half_frozen_weights(tiny_sd):
+    gen = make(tiny_sd, lora=LoraSettings(rank=2, alpha=4), weight_dtype="bfloat16")
+    trainable = {n for n, p in gen.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in gen.trainable_parameters())
+    frozen = [p for p in gen.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    loss = gen.denoising_loss(torch.rand(2, 3, 32, 32), ["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(p.grad is not None for n, p in gen.named_parameters() if "lora_B" in n)
+
+
+def test_full_unet_finetuning(tiny_sd):
+    gen = make(tiny_sd, lora=None)
+    assert {id(p) for p in gen.trainable_parameters()} == {id(p) for p in gen.unet.parameters()}
+    assert not any(p.requires_grad for p in gen.text_encoder.parameters())
+    assert not any(p.requires_grad for p in gen.vae.parameters())
+
+
+def test_denoising_loss_is_reproducible_from_its_generator(tiny_sd):
+    gen = make(tiny_sd)
+    pix = torch.rand(2, 3, 32, 32)
+    a = gen.denoising_loss(pix, ["a", "b"], torch.Generator().manual_seed(3))
+    b = gen.denoising_loss(pix, ["a", "b"], torch.Generator().manual_seed(3))
+    c = gen.denoising_loss(pix, ["a", "b"], torch.Generator().manual_seed(4))
+    assert a.item() == b.item() and a.item() != c.item()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_one_step_x0_prediction_inverts_forward_process(tiny_sd, tiny_sd_v, prediction_type):
+    gen = make(tiny_sd if prediction_type == "epsilon" else tiny_sd_v)
+    assert gen.prediction_type == prediction_type
+    sched = gen.train_scheduler
+    x0, eps = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    t = torch.tensor(600)
+    xt = sched.add_noise(x0, eps, t)
+    out = eps if prediction_type == "epsilon" else sched.get_velocity(x0, eps, t)
+    torch.testing.assert_close(gen.predict_x0(sched, xt, out, t), x0, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- sampler
+def test_noise_is_per_sample_and_batch_independent(tiny_sd):
+    gen = make(tiny_sd)
+    with torch.no_grad():
+        both = gen.sample(["a red circle", "a blue square"], [11, 12], num_inference_steps=4).images
+        alone = gen.sample(["a blue square"], [12], num_inference_steps=4).images
+        other = gen.sample(["a blue square"], [13], num_inference_steps=4).images
+    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(alone, other)
+    assert both.min() >= 0 and both.max() <= 1 and both.shape == (2, 3, 32, 32)
+
+
+def test_ddpm_and_ddim_both_sample_and_differ(tiny_sd):
+    gen = make(tiny_sd)
+    with torch.no_grad():
+        ddim = gen.sample(["x"], [0], num_inference_steps=4, scheduler="ddim").latents
+        ddpm = gen.sample(["x"], [0], num_inference_steps=4, scheduler="ddpm").latents
+        ddpm2 = gen.sample(["x"], [0], num_inference_steps=4, scheduler="ddpm").latents
+    assert not torch.allclose(ddim, ddpm)
+    torch.testing.assert_close(ddpm, ddpm2)  # DDPM's step noise is seeded per sample too
+
+
+@pytest.mark.parametrize(
+    "policy, steps, expected",
+    [(ReFL(6, 6), 8, 1), (Strided(num_grad_steps=3, stride=2), 8, 3), (LastK(2), 8, 2), (NoGrad(), 8, 0)],
+)
+def test_gradient_policy_decides_which_unet_calls_carry_gradient(tiny_sd, policy, steps, expected):
+    gen = make(tiny_sd)
+    randomise_lora(gen)
+    calls, handle = count_grad_unet_calls(gen)
+    out = gen.sample(["a red circle"], [0], num_inference_steps=steps, guidance_scale=1.0, policy=policy)
+    handle.remove()
+    assert sum(grad for grad, _ in calls) == expected
+    if isinstance(policy, ReFL):
+        assert len(calls) == 7  # stops after the grad step at index 6 (x0 predicted in one step)
+    if expected:
+        out.images.mean().backward()
+        assert sum(float(p.grad.abs().sum()) for p in gen.trainable_parameters() if p.grad is not None) > 0
+    else:
+        assert not out.images.requires_grad
+
+
+def test_refl_gradient_comes_from_the_chosen_step_only(tiny_sd):
+    """Gradients through ReFL equal the gradient of the one grad-enabled call, with its input detached."""
+    gen = make(tiny_sd)
+    randomise_lora(gen)
+    out = gen.sample(["a red circle"], [0], num_inference_steps=8, guidance_scale=1.0, policy=ReFL(5, 5))
+    out.latents.sum().backward()
+    grads = [p.grad.clone() for p in gen.trainable_parameters()]
+    # Recompute by hand: no-grad chain to step 5, then one grad call and the x0 formula.
+    gen.zero_grad()
+    sched = gen.make_scheduler("ddim", 8)
+    emb = gen.encode_prompts(["a red circle"])
+    x = randn_tensor((1, 4, 16, 16), generator=seeded_generators([0]), dtype=torch.float32)
+    with torch.no_grad():
+        for t in sched.timesteps[:5]:
+            x = sched.step(gen.unet_forward(x, t, emb), t, x).prev_sample
+    t = sched.timesteps[5]
+    x0 = gen.predict_x0(sched, x, gen.unet_forward(x, t, emb), t)
+    x0.sum().backward()
+    for a, p in zip(grads, gen.trainable_parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_strided_detach_input_cuts_the_chain_into_the_unet(tiny_sd):
+    gen = make(tiny_sd)
+    randomise_lora(gen)
+    for detach in (False, True):
+        calls, handle = count_grad_unet_calls(gen)
+        gen.sample(["x"], [0], num_inference_steps=6, guidance_scale=1.0, policy=Strided(2, 2, detach_input=detach))
+        handle.remove()
+        inputs_with_grad = [req for grad, req in calls if grad]
+        # the second grad step's input depends on the first grad step unless detached
+        assert inputs_with_grad == ([False, False] if detach else [False, True])
+
+
+def test_policy_plans():
+    g = torch.Generator().manual_seed(0)
+    plans = [Strided(5, 10).plan(50, g) for _ in range(50)]
+    phases = {min(p.grad_steps) for p in plans}
+    assert phases <= set(range(10)) and len(phases) > 3
+    assert all(sorted(p.grad_steps) == [min(p.grad_steps) + 10 * k for k in range(5)] for p in plans)
+    refl = {ReFL(30, 39).plan(40, g).stop_at for _ in range(200)}
+    assert refl == set(range(30, 40))
+    assert LastK(3).plan(10).grad_steps == frozenset({7, 8, 9})
+    assert {len(LastK(3, random_k=True).plan(10, g).grad_steps) for _ in range(100)} == {1, 2, 3}
+    with pytest.raises(ValueError, match="max_step"):
+        ReFL(30, 39).plan(20)
+    with pytest.raises(ValueError, match="Strided"):
+        Strided(5, 10).plan(30)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd):
+    grads = []
+    for ckpt in (False, True):
+        gen = make(tiny_sd, gradient_checkpointing=ckpt)
+        randomise_lora(gen)
+        pol = Strided(2, 2)
+        out = gen.sample(["a red circle"], [0], num_inference_steps=6, policy=pol, policy_generator=torch.Generator().manual_seed(1))
+        out.images.mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in gen.trainable_parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
