@@ -1,5 +1,5 @@
-"""Lightning callbacks: LoRA export (evaluation callbacks come with the evaluation issue)."""
+"""Lightning callbacks: weight export (evaluation callbacks come with the evaluation issue)."""
 
-from t2i_align.callbacks.lora_export import ExportLoRA
+from t2i_align.callbacks.export import ExportWeights
 
-__all__ = ["ExportLoRA"]
+__all__ = ["ExportWeights"]

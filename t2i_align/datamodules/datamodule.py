@@ -35,8 +35,8 @@ class T2IDataModule(L.LightningDataModule):
     pairs, ``{"pixel_values": FloatTensor[B, 3, R, R] in [0, 1], "captions": [str], "ids": [str],
     "masks": [[(noun, BoolTensor[R, R] | None)] | None] | None}``; with both, ``{"prompts": <prompt batch>,
     "pairs": <pair batch>}``. Each training loader is an endless :class:`StreamSampler` stream; bound training
-    with ``max_steps`` and validate with an integer ``val_check_interval`` (plus ``check_val_every_n_epoch=None``),
-    since the single Lightning epoch never ends.
+    with ``max_steps`` and validate with an integer ``val_check_interval`` (plus
+    ``check_val_every_n_epoch=None``), since the single Lightning epoch never ends.
 
     The LightningModule must call :meth:`advance` once per training batch (see there for *where*). The
     stream positions are saved by Lightning through :meth:`state_dict` and restored through
@@ -103,7 +103,9 @@ class T2IDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Read the configured sets (once) and take world size / rank from the trainer (1 / 0 without one)."""
         trainer = self.trainer
-        self.world_size, self.rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self.world_size, self.rank = (
+            (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        )
         if stage in (None, "fit") and self._train_sets is None:
             sets: dict[str, Any] = {}
             if self.train_prompts:
@@ -118,7 +120,9 @@ class T2IDataModule(L.LightningDataModule):
                 sets["prompts"] = PromptDataset(load_prompt_sources(self.val_prompts)[0])
             if self.val_pairs is not None:
                 src = self.val_pairs
-                sets["pairs"] = PairDataset(src.path, src.image_root, src.format, self.resolution, src.per, src.limit)
+                sets["pairs"] = PairDataset(
+                    src.path, src.image_root, src.format, self.resolution, src.per, src.limit
+                )
             self._val_sets = sets
 
     # ---------------------------------------------------------------------------------------------- loaders
@@ -185,8 +189,8 @@ class T2IDataModule(L.LightningDataModule):
         Call it once per training batch from the LightningModule **before** checkpoints of that step are
         written: ``on_train_batch_start`` or the end of ``training_step``. Lightning runs callbacks'
         ``on_train_batch_end`` (incl. ``ModelCheckpoint(every_n_train_steps=...)``) *before* the module's
-        ``on_train_batch_end`` (lightning/pytorch/loops/training_epoch_loop.py, ``advance``), so advancing there
-        saves a position one batch behind and the resumed run repeats that batch.
+        ``on_train_batch_end`` (lightning/pytorch/loops/training_epoch_loop.py, ``advance``), so advancing
+        there saves a position one batch behind and the resumed run repeats that batch.
         """
         if self._samplers is None:
             raise RuntimeError("T2IDataModule.advance() called before train_dataloader()")
@@ -213,4 +217,7 @@ class T2IDataModule(L.LightningDataModule):
             if kind in self._samplers:
                 self._samplers[kind].load_state_dict(sampler_state)
             else:
-                warnings.warn(f"T2IDataModule: checkpoint has a {kind!r} stream but no such loader is configured")
+                warnings.warn(
+                    f"T2IDataModule: checkpoint has a {kind!r} stream but no such loader is configured",
+                    stacklevel=2,
+                )

@@ -22,7 +22,7 @@ MaskList = list[tuple[str, "torch.Tensor | None"]]
 
 
 class PairFileError(ValueError):
-    """A pair annotation file or a file it references is missing or malformed (message names file + record)."""
+    """A pair annotation file, or a file it references, is missing or malformed (names file + record)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,10 @@ def _read_coco(path: Path, root: Path, per: str) -> list[PairRecord]:
     if per == "caption":
         return [
             PairRecord(
-                str(root / files[a["image_id"]]), clean_text(a["caption"]), str(a["id"]), None,
+                str(root / files[a["image_id"]]),
+                clean_text(a["caption"]),
+                str(a["id"]),
+                None,
                 f"{path}: annotation id {a['id']}",
             )
             for a in annotations
@@ -74,7 +77,10 @@ def _read_coco(path: Path, root: Path, per: str) -> list[PairRecord]:
     # Images are listed in "images" order; images without any caption are left out.
     return [
         PairRecord(
-            str(root / name), clean_text(first[image_id]["caption"]), str(image_id), None,
+            str(root / name),
+            clean_text(first[image_id]["caption"]),
+            str(image_id),
+            None,
             f"{path}: annotation id {first[image_id]['id']}",
         )
         for image_id, name in files.items()
@@ -90,12 +96,17 @@ def _read_jsonl(path: Path, root: Path, per: str) -> list[PairRecord]:
     for index, (line_no, obj) in enumerate(iter_jsonl(path, PairFileError)):
         where = f"{path}: line {line_no}"
         if not isinstance(obj.get("file_name"), str) or not isinstance(obj.get("text"), str):
-            raise PairFileError(f'{where}: expected string keys "file_name" and "text", got keys {sorted(obj)}')
+            raise PairFileError(
+                f'{where}: expected string keys "file_name" and "text", got keys {sorted(obj)}'
+            )
         masks = None
         if obj.get("attn_list") is not None:
             attn = obj["attn_list"]
             ok = isinstance(attn, list) and all(
-                isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], (str, type(None)))
+                isinstance(e, list)
+                and len(e) == 2
+                and isinstance(e[0], str)
+                and isinstance(e[1], (str, type(None)))
                 for e in attn
             )
             if not ok:
@@ -104,12 +115,17 @@ def _read_jsonl(path: Path, root: Path, per: str) -> list[PairRecord]:
         caption = clean_text(obj["text"])
         if not caption:
             raise PairFileError(f"{where}: empty caption")
-        records.append(PairRecord(str(root / obj["file_name"]), caption, str(obj.get("id", index)), masks, where))
+        records.append(
+            PairRecord(str(root / obj["file_name"]), caption, str(obj.get("id", index)), masks, where)
+        )
     return records
 
 
 #: Format name -> reader ``(annotation_path, image_root, per) -> records``.
-PAIR_FORMATS: dict[str, Callable[[Path, Path, str], list[PairRecord]]] = {"coco": _read_coco, "jsonl": _read_jsonl}
+PAIR_FORMATS: dict[str, Callable[[Path, Path, str], list[PairRecord]]] = {
+    "coco": _read_coco,
+    "jsonl": _read_jsonl,
+}
 _SUFFIX_FORMATS = {".json": "coco", ".jsonl": "jsonl"}
 
 
@@ -151,9 +167,13 @@ class PairDataset(Dataset):
         if format == "auto":
             format = _SUFFIX_FORMATS.get(path.suffix.lower(), "")
             if not format:
-                raise PairFileError(f"{path}: cannot infer pair format from the extension; pass format='coco'|'jsonl'")
+                raise PairFileError(
+                    f"{path}: cannot infer pair format from the extension; pass format='coco'|'jsonl'"
+                )
         if format not in PAIR_FORMATS:
-            raise ValueError(f"unknown pair format {format!r}; expected 'auto' or one of {sorted(PAIR_FORMATS)}")
+            raise ValueError(
+                f"unknown pair format {format!r}; expected 'auto' or one of {sorted(PAIR_FORMATS)}"
+            )
         if per not in ("caption", "image"):
             raise ValueError(f"per must be 'caption' or 'image', got {per!r}")
         if limit is not None and limit < 1:
@@ -161,7 +181,10 @@ class PairDataset(Dataset):
         if resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {resolution}")
         root = Path(image_root) if image_root is not None else path.parent
-        records = PAIR_FORMATS[format](path, root, per)[:limit]
+        try:
+            records = PAIR_FORMATS[format](path, root, per)[:limit]
+        except UnicodeDecodeError as e:
+            raise PairFileError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         if not records:
             raise PairFileError(f"{path}: no image-caption pairs found (empty file)")
         ids = [r.id for r in records]
@@ -182,8 +205,14 @@ class PairDataset(Dataset):
     def from_source(cls, source: PairSource, resolution: int = 512, seed: int = 0) -> PairDataset:
         """Build from a :class:`PairSource` config."""
         return cls(
-            source.path, source.image_root, source.format, resolution, source.per, source.limit,
-            source.random_flip, seed,
+            source.path,
+            source.image_root,
+            source.format,
+            resolution,
+            source.per,
+            source.limit,
+            source.random_flip,
+            seed,
         )
 
     def __len__(self) -> int:
@@ -220,7 +249,12 @@ class PairDataset(Dataset):
                 mask = resize_center_crop(mask, size, Image.Resampling.BILINEAR)
                 tensor = torch.from_numpy(np.array(mask, dtype=np.float32) / 255.0 > 0.5)
                 masks.append((noun, tensor.flip(-1) if flip else tensor))
-        return {"pixel_values": pixel_values.contiguous(), "caption": rec.caption, "id": rec.id, "masks": masks}
+        return {
+            "pixel_values": pixel_values.contiguous(),
+            "caption": rec.caption,
+            "id": rec.id,
+            "masks": masks,
+        }
 
 
 def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

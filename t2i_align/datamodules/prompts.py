@@ -33,11 +33,11 @@ __all__ = [
     "PromptDataset",
     "PromptFileError",
     "PromptSource",
+    "clean_text",
     "collate_prompts",
     "load_prompt_sources",
     "read_prompts",
     "sniff_format",
-    "clean_text",
 ]
 
 # Keys that may hold the prompt text in JSON / JSONL records and generic CSVs (matched case-insensitively
@@ -86,7 +86,9 @@ def iter_jsonl(path: Path, error: type[ValueError]) -> Iterator[tuple[int, dict[
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise error(f"{path}: line {line_no}: invalid JSON ({e.msg}); expected one JSON object per line")
+                raise error(
+                    f"{path}: line {line_no}: invalid JSON ({e.msg}); expected one JSON object per line"
+                ) from None
             if not isinstance(obj, dict):
                 raise error(f"{path}: line {line_no}: expected a JSON object, got {type(obj).__name__}")
             yield line_no, obj
@@ -101,15 +103,17 @@ def load_json(path: Path, error: type[ValueError]) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise error(f"{path}: line {e.lineno}: invalid JSON ({e.msg})")
+        raise error(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
 
 
 def parse_coco_captions(path: Path, error: type[ValueError]) -> tuple[dict[Any, str], list[dict[str, Any]]]:
     """Parse a COCO captions file ``{"images": [{"id", "file_name"}], "annotations": [{"id", "image_id",
     "caption"}]}`` (format of ``captions_train2014.json``) into ``({image_id: file_name}, annotations)``."""
     data = load_json(path, error)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
-        data.get("annotations"), list
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("annotations"), list)
     ):
         raise error(f'{path}: expected a COCO captions object with "images" and "annotations" lists')
     files: dict[Any, str] = {}
@@ -221,7 +225,9 @@ def _read_folder(path: Path, source: str) -> list[Prompt]:
     for file in sorted(path.glob("*.txt"), key=natural):
         lines = [t for t in (clean_text(x) for x in file.read_text(encoding="utf-8-sig").splitlines()) if t]
         if len(lines) != 1:
-            raise PromptFileError(f"{file}: expected exactly one non-empty line (one prompt), found {len(lines)}")
+            raise PromptFileError(
+                f"{file}: expected exactly one non-empty line (one prompt), found {len(lines)}"
+            )
         prompts.append(Prompt(lines[0], source, file.stem))
     return prompts
 
@@ -250,10 +256,10 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, int, dict[str, str]]]:
                         f"{path}: line {first_line}: expected {len(header)} fields ({', '.join(header)}), "
                         f"got {len(row)}"
                     )
-                yield index, first_line, dict(zip(header, row))
+                yield index, first_line, dict(zip(header, row, strict=True))
                 index += 1
         except csv.Error as e:
-            raise PromptFileError(f"{path}: line {reader.line_num}: malformed CSV ({e})")
+            raise PromptFileError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -274,7 +280,9 @@ def _read_csv_columns(path: Path, source: str, text_col: str, meta_cols: Mapping
     prompts = []
     for index, line, row in _iter_csv(path):
         meta = {key: clean_text(row[col]) for col, key in meta_cols.items()}
-        prompts.append(_make_prompt(row[text_col], source, row.get("id", index), meta, f"{path}: line {line}"))
+        prompts.append(
+            _make_prompt(row[text_col], source, row.get("id", index), meta, f"{path}: line {line}")
+        )
     return prompts
 
 
@@ -293,13 +301,18 @@ def _read_csv(path: Path, source: str) -> list[Prompt]:
 
 
 def _read_hrs(path: Path, source: str) -> list[Prompt]:
-    """HRS-Bench generated prompt CSVs. Counting files hold the prompt in ``synthetic_prompt`` (their
-    ``meta_prompt`` is the instruction given to the LLM); colour/size/spatial files leave ``synthetic_prompt``
-    empty and hold the prompt in ``meta_prompt`` (eslambakr/HRS_benchmark, codes/prompt_gen/generated_prompts).
-    The column is chosen per file: ``synthetic_prompt`` if any row fills it, then every row must."""
+    """HRS-Bench generated prompt CSVs (eslambakr/HRS_benchmark, codes/prompt_gen/generated_prompts/).
+    Counting files hold the prompt in ``synthetic_prompt``; their ``meta_prompt`` is the LLM instruction
+    ("In one sentence, Describe a real scene about 2 cup."). Colour/size/spatial files leave
+    ``synthetic_prompt`` empty and hold the prompt in ``meta_prompt``. So the column is chosen per file:
+    ``synthetic_prompt`` if any row fills it (then every row must), else ``meta_prompt``."""
     _require_columns(path, _csv_header(path), ["meta_prompt"])
     rows = list(_iter_csv(path))
-    text_col = "synthetic_prompt" if any(r.get("synthetic_prompt", "").strip() for _, _, r in rows) else "meta_prompt"
+    text_col = (
+        "synthetic_prompt"
+        if any(r.get("synthetic_prompt", "").strip() for _, _, r in rows)
+        else "meta_prompt"
+    )
     prompts = []
     for index, line, row in rows:
         meta = {k: clean_text(v) for k, v in row.items() if k != text_col and v.strip()}
@@ -323,7 +336,9 @@ PROMPT_FORMATS: dict[str, ReaderFn] = {
     "drawbench": functools.partial(_read_csv_columns, text_col="Prompts", meta_cols={"Category": "category"}),
     # ViLG-300 (ERNIE-ViLG 2.0): English prompt, Chinese text, Chinese category, origin benchmark.
     "vilg300": functools.partial(
-        _read_csv_columns, text_col="Prompt", meta_cols={"文本": "text_zh", "类别": "category_zh", "来源": "origin"}
+        _read_csv_columns,
+        text_col="Prompt",
+        meta_cols={"文本": "text_zh", "类别": "category_zh", "来源": "origin"},
     ),
     "hrs": _read_hrs,
     "folder": _read_folder,
@@ -395,8 +410,13 @@ def read_prompts(path: str | Path, format: str = "auto", source: str | None = No
     if format == "auto":
         format = sniff_format(path)
     if format not in PROMPT_FORMATS:
-        raise ValueError(f"unknown prompt format {format!r}; expected 'auto' or one of {sorted(PROMPT_FORMATS)}")
-    prompts = PROMPT_FORMATS[format](path, source or (path.name if path.is_dir() else path.stem))
+        raise ValueError(
+            f"unknown prompt format {format!r}; expected 'auto' or one of {sorted(PROMPT_FORMATS)}"
+        )
+    try:
+        prompts = PROMPT_FORMATS[format](path, source or (path.name if path.is_dir() else path.stem))
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not prompts:
         raise PromptFileError(f"{path}: no prompts found (empty file or folder)")
     seen: set[str] = set()
@@ -451,7 +471,8 @@ def load_prompt_sources(sources: Sequence[PromptSource]) -> tuple[list[Prompt], 
         name = items[0].source
         if name in names:
             raise ValueError(
-                f"prompt sources {names[name]} and {s.path} share the set name {name!r}; give them distinct `name`s"
+                f"prompt sources {names[name]} and {s.path} share the set name {name!r}; "
+                "give them distinct `name`s"
             )
         names[name] = s.path
         prompts.extend(items)
@@ -479,4 +500,3 @@ def collate_prompts(batch: Sequence[Prompt]) -> dict[str, list[str]]:
         "ids": [p.id for p in batch],
         "sources": [p.source for p in batch],
     }
-

@@ -67,7 +67,9 @@ class StreamSampler(DistributedSampler):
             if w.shape != (n,) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
                 raise ValueError(f"weights must be {n} finite non-negative numbers with a positive sum")
             if not shuffle:
-                raise ValueError("weighted sampling draws at random; it cannot be combined with shuffle=False")
+                raise ValueError(
+                    "weighted sampling draws at random; it cannot be combined with shuffle=False"
+                )
             self.weights = w
         self.epoch = 0
         self.consumed = 0
@@ -109,7 +111,8 @@ class StreamSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         """No-op. Lightning calls this with *its* epoch, which stays 0 for an infinite loader and is unrelated
-        to this stream's data epoch; the stream position is owned by :meth:`advance` / :meth:`load_state_dict`."""
+        to this stream's data epoch; the stream position is owned by :meth:`advance` and
+        :meth:`load_state_dict`."""
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "consumed", "seed", "n"}`` (``n`` only for a sanity check on resume)."""
@@ -118,11 +121,16 @@ class StreamSampler(DistributedSampler):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the saved stream (adopts the saved seed, so the continuation is exact)."""
         if int(state["seed"]) != self.seed:
-            warnings.warn(f"StreamSampler: resuming with the checkpoint's seed {state['seed']} (configured {self.seed})")
+            warnings.warn(
+                f"StreamSampler: resuming with the checkpoint's seed {state['seed']} "
+                f"(configured {self.seed})",
+                stacklevel=2,
+            )
         if "n" in state and int(state["n"]) != self.n:
             warnings.warn(
                 f"StreamSampler: dataset size changed from {state['n']} to {self.n}; the resumed stream "
-                "is not a continuation of the saved one"
+                "is not a continuation of the saved one",
+                stacklevel=2,
             )
         self.seed = int(state["seed"])
         self.epoch, self.consumed = int(state["epoch"]), 0
@@ -136,7 +144,9 @@ class ShardSampler(DistributedSampler):
     (possibly zero when ``n < W``).
     """
 
-    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0) -> None:  # no super().__init__(), see above
+    def __init__(
+        self, n: int, num_replicas: int = 1, rank: int = 0
+    ) -> None:  # no super().__init__(), see above
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         _check_rank(num_replicas, rank)
@@ -158,4 +168,3 @@ class ShardSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         """No-op: the split does not depend on the epoch."""
-

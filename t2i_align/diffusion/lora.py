@@ -1,4 +1,5 @@
-"""LoRA export in the diffusers format that ``pipeline.load_lora_weights`` reads."""
+"""Export of the trained weights in diffusers formats: LoRA as ``pytorch_lora_weights.safetensors``
+(read by ``pipeline.load_lora_weights``), a fully fine-tuned UNet as a ``unet/`` model folder."""
 
 from __future__ import annotations
 
@@ -26,3 +27,13 @@ def export_lora(generator: Generator, out_dir: str | Path) -> Path:
     with atomic_path(out_dir, is_dir=True) as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
     return Path(out_dir) / LORA_WEIGHT_NAME
+
+
+def export_trained_weights(generator: Generator, out_dir: str | Path) -> Path:
+    """LoRA -> ``out_dir/pytorch_lora_weights.safetensors``; full fine-tuning -> ``out_dir/unet/`` (atomic)."""
+    if generator.config.lora is not None:
+        return export_lora(generator, out_dir)
+    target = Path(out_dir) / "unet"
+    with atomic_path(target, is_dir=True) as tmp:
+        generator.unet.save_pretrained(tmp)
+    return target

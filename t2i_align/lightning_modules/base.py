@@ -47,7 +47,7 @@ class AlignmentModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.seed = seed
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
-        self.train_batches = 0  # batches seen, skipped ones included; keys the per-step random streams
+        self.batches_started = 0  # training batches begun, skipped ones included; keys the random streams
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         # Checkpoints hold trainable state only; the frozen base is reloaded from `generator.pretrained`.
@@ -64,11 +64,12 @@ class AlignmentModule(L.LightningModule):
     def step_generator(self, stream: str = "train") -> torch.Generator:
         """Random generator for this batch: a function of (seed, stream, batch count, rank) only, so a
         resumed run draws exactly what the uninterrupted run would have drawn."""
-        return torch.Generator("cpu").manual_seed(derive_seed(self.seed, stream, self.train_batches, self.global_rank))
+        return torch.Generator("cpu").manual_seed(derive_seed(self.seed, stream, self.batches_started, self.global_rank))
 
     def guard_nonfinite(self, loss: torch.Tensor) -> torch.Tensor | None:
-        """Return ``loss``, or None (Lightning then skips backward and the optimizer step) when it is NaN/inf
-        on any rank. All ranks take the same decision, so DDP never waits on a rank that skipped."""
+        """Return ``loss``, or None when it is NaN/inf on any rank: Lightning then skips backward, so the
+        optimizer step finds no gradients and changes nothing (the batch still counts towards
+        ``max_steps``). All ranks take the same decision, so DDP never waits on a rank that skipped."""
         finite = bool(torch.isfinite(loss.detach()).all())
         if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             self.nonfinite_run = 0
@@ -84,11 +85,13 @@ class AlignmentModule(L.LightningModule):
             )
         return None
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.train_batches += 1
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Counted at the start: ModelCheckpoint saves in on_train_batch_end, which Lightning runs for
+        # callbacks *before* the module's own hook, and the saved state must include this batch.
+        self.batches_started += 1
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "advance"):
-            datamodule.advance()  # the sampler position counts samples actually trained on
+            datamodule.advance()  # the sampler position counts the samples trained on
 
     # ------------------------------------------------------------------------------ checkpoints
     def trainable_keys(self) -> set[str]:
@@ -98,7 +101,7 @@ class AlignmentModule(L.LightningModule):
         keys = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         checkpoint["t2i_align"] = {
-            "train_batches": self.train_batches,
+            "batches_started": self.batches_started,
             "nonfinite_total": self.nonfinite_total,
             "seed": self.seed,
             "pretrained": self.generator.config.pretrained,
@@ -114,5 +117,5 @@ class AlignmentModule(L.LightningModule):
                 "LoRA rank/target_modules, or with full fine-tuning?"
             )
         state = checkpoint.get("t2i_align", {})
-        self.train_batches = int(state.get("train_batches", 0))
+        self.batches_started = int(state.get("batches_started", 0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))

@@ -54,7 +54,9 @@ def test_mask_of_other_size_is_aligned_to_its_image(tmp_path: Path, save_image) 
     mask = np.zeros((10, 10), np.uint8)
     mask[:5] = 255  # top half
     save_image(tmp_path / "m.png", mask)
-    (tmp_path / "d.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "t", "attn_list": [["x", "m.png"]]}))
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"file_name": "a.png", "text": "t", "attn_list": [["x", "m.png"]]})
+    )
     m = PairDataset(tmp_path / "d.jsonl", resolution=8)[0]["masks"][0][1]
     assert m[:3].all() and not m[5:].any()
 
@@ -67,7 +69,9 @@ def test_collate_pairs(make_pair_jsonl) -> None:
     assert len(batch["masks"]) == 2 and [n for n, _ in batch["masks"][0]] == ["left", "nothing"]
 
 
-def write_coco(tmp_path: Path, save_image, annotations: list[dict], images=((1, "x.png"), (2, "y.png"), (3, "z.png"))) -> Path:
+def write_coco(
+    tmp_path: Path, save_image, annotations: list[dict], images=((1, "x.png"), (2, "y.png"), (3, "z.png"))
+) -> Path:
     for _, name in images:
         save_image(tmp_path / "train2014" / name, np.full((12, 16, 3), 128, np.uint8))
     data = {"images": [{"id": i, "file_name": f} for i, f in images], "annotations": annotations}
@@ -85,20 +89,31 @@ def test_coco_per_caption_and_per_image(tmp_path: Path, save_image) -> None:
     ]
     path = write_coco(tmp_path, save_image, anns)
     per_caption = PairDataset(path, tmp_path / "train2014", resolution=8)
-    assert [(r.id, r.caption) for r in per_caption.records] == [("10", "two a"), ("11", "one a"), ("12", "two b")]
+    assert [(r.id, r.caption) for r in per_caption.records] == [
+        ("10", "two a"),
+        ("11", "one a"),
+        ("12", "two b"),
+    ]
     item = per_caption[0]
     assert item["masks"] is None and item["pixel_values"].shape == (3, 8, 8)
     assert torch.allclose(item["pixel_values"], torch.full((3, 8, 8), 128 / 255), atol=1e-3)
     per_image = PairDataset.from_source(
         PairSource(str(path), str(tmp_path / "train2014"), per="image"), resolution=8
     )
-    assert [(r.id, r.caption) for r in per_image.records] == [("1", "one a"), ("2", "two a")]  # image 3: no caption
+    assert [(r.id, r.caption) for r in per_image.records] == [
+        ("1", "one a"),
+        ("2", "two a"),
+    ]  # image 3: no caption
     assert collate_pairs([per_image[0], per_image[1]])["masks"] is None
     assert len(PairDataset(path, tmp_path / "train2014", limit=2)) == 2
 
 
 def test_coco_missing_image_names_annotation(tmp_path: Path, save_image) -> None:
-    path = write_coco(tmp_path, save_image, [{"id": 10, "image_id": 1, "caption": "a"}, {"id": 11, "image_id": 3, "caption": "b"}])
+    path = write_coco(
+        tmp_path,
+        save_image,
+        [{"id": 10, "image_id": 1, "caption": "a"}, {"id": 11, "image_id": 3, "caption": "b"}],
+    )
     (tmp_path / "train2014" / "z.png").unlink()
     with pytest.raises(PairFileError, match=r"annotation id 11: image file not found: .*z\.png"):
         PairDataset(path, tmp_path / "train2014")
@@ -120,21 +135,33 @@ def test_real_tokencompose_metadata(benchmarks: Path, tmp_path: Path, save_image
     assert item["caption"] == records[1]["text"]
     assert [n for n, _ in item["masks"]] == [n for n, _ in records[1]["attn_list"]]
     assert [m is None for _, m in item["masks"]] == [m is None for _, m in records[1]["attn_list"]]
-    assert any(m is None for _, m in item["masks"]) and all(m.all() for _, m in item["masks"] if m is not None)
+    assert any(m is None for _, m in item["masks"]) and all(
+        m.all() for _, m in item["masks"] if m is not None
+    )
 
 
 @pytest.mark.parametrize(
     ("lines", "pattern"),
     [
-        (['{"file_name": "images/0.png", "text": "a"}', '{"file_name": "images/0.png", "text": }'], r"line 2.*invalid JSON"),
+        (
+            ['{"file_name": "images/0.png", "text": "a"}', '{"file_name": "images/0.png", "text": }'],
+            r"line 2.*invalid JSON",
+        ),
         (['{"file_name": "images/0.png"}'], r"line 1.*\"file_name\" and \"text\""),
         (['{"file_name": "images/0.png", "text": "a", "attn_list": [["x"]]}'], r"line 1.*attn_list"),
         (['{"file_name": "images/0.png", "text": " "}'], r"line 1.*empty caption"),
         (["", " "], r"no image-caption pairs"),
-        (['{"file_name": "images/0.png", "text": "a"}', '{"file_name": "images/9.png", "text": "b"}'],
-         r"line 2: image file not found: .*9\.png"),
-        (['{"file_name": "images/0.png", "text": "a", "attn_list": [["cat", null], ["dog", "seg/none.png"]]}'],
-         r"line 1: mask file for 'dog' not found: .*none\.png"),
+        (
+            ['{"file_name": "images/0.png", "text": "a"}', '{"file_name": "images/9.png", "text": "b"}'],
+            r"line 2: image file not found: .*9\.png",
+        ),
+        (
+            [
+                '{"file_name": "images/0.png", "text": "a", '
+                '"attn_list": [["cat", null], ["dog", "seg/none.png"]]}'
+            ],
+            r"line 1: mask file for 'dog' not found: .*none\.png",
+        ),
     ],
 )
 def test_jsonl_errors_name_file_and_line(make_pair_jsonl, lines: list[str], pattern: str) -> None:

@@ -19,7 +19,11 @@ def write(path: Path, data: str | bytes) -> Path:
 def test_txt_bom_crlf_blank_lines(tmp_path: Path) -> None:
     path = write(tmp_path / "p.txt", b"\xef\xbb\xbfa cat\r\n\r\n  a dog \t\r\n\na cow")
     prompts = read_prompts(path)
-    assert [(p.text, p.id, p.source) for p in prompts] == [("a cat", "0", "p"), ("a dog", "1", "p"), ("a cow", "2", "p")]
+    assert [(p.text, p.id, p.source) for p in prompts] == [
+        ("a cat", "0", "p"),
+        ("a dog", "1", "p"),
+        ("a cow", "2", "p"),
+    ]
 
 
 def test_coco_captions_json(tmp_path: Path) -> None:
@@ -51,14 +55,29 @@ def test_coco_captions_json(tmp_path: Path) -> None:
         ("array.jsonl", '{"prompt": "a"}\n[1, 2]\n', "auto", r"line 2.*expected a JSON object"),
         ("emptytext.jsonl", '{"prompt": "a"}\n{"prompt": "  "}\n', "auto", r"line 2.*empty prompt"),
         ("dup.jsonl", '{"prompt": "a", "id": 1}\n{"prompt": "b", "id": "1"}\n', "auto", r"duplicate id '1'"),
-        ("list.json", '[{"prompt": "a"}, {"caption_x": "b"}]', "json", r"record index 1.*exactly one prompt key"),
+        (
+            "list.json",
+            '[{"prompt": "a"}, {"caption_x": "b"}]',
+            "json",
+            r"record index 1.*exactly one prompt key",
+        ),
         ("syntax.json", '[\n{"prompt": "a"},\n{"prompt": }\n]', "auto", r"line 3.*invalid JSON"),
-        ("tifa.json", '[{"id": "x", "caption": "a"}, {"caption": "b"}]', "tifa", r"record index 1.*missing id key 'id'"),
+        (
+            "tifa.json",
+            '[{"id": "x", "caption": "a"}, {"caption": "b"}]',
+            "tifa",
+            r"record index 1.*missing id key 'id'",
+        ),
         ("ambiguous.json", '[{"prompt": "a", "caption": "b"}]', "auto", r"cannot tell the prompt key"),
         ("dict.json", '{"a": 1}', "auto", r"unrecognised JSON layout"),
         ("nocol.csv", "Prompts\nA car.\n", "drawbench", r"line 1 \(header\).*missing column.*Category"),
         ("noprompt.csv", "name,category\nx,y\n", "auto", r"line 1 \(header\).*exactly one prompt column"),
-        ("fields.csv", 'prompt,cat\r\n"a\r\nwrapped",x\r\nb,y,z\r\n', "auto", r"line 4.*expected 2 fields.*got 3"),
+        (
+            "fields.csv",
+            'prompt,cat\r\n"a\r\nwrapped",x\r\nb,y,z\r\n',
+            "auto",
+            r"line 4.*expected 2 fields.*got 3",
+        ),
         ("quote.csv", 'prompt,cat\na,x\n"b"c,y\n', "auto", r"line 3.*malformed CSV"),
         ("emptycell.csv", "Prompts,Category\nA car.,Colors\n ,Colors\n", "auto", r"line 3.*empty prompt"),
         ("prompts.yaml", "- a\n", "auto", r"cannot infer the prompt format"),
@@ -70,10 +89,19 @@ def test_coco_captions_json(tmp_path: Path) -> None:
         ("header_only.csv", "prompt,x\n", "csv", r"no prompts found"),
     ],
 )
-def test_malformed_files_name_file_and_line(tmp_path: Path, name: str, content: str, fmt: str, pattern: str) -> None:
+def test_malformed_files_name_file_and_line(
+    tmp_path: Path, name: str, content: str, fmt: str, pattern: str
+) -> None:
     path = write(tmp_path / name, content)
     with pytest.raises(PromptFileError, match=pattern) as info:
         read_prompts(path, format=fmt)
+    assert str(path) in str(info.value)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = write(tmp_path / "latin1.txt", "a caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(PromptFileError, match=r"not UTF-8 text \(byte 5") as info:
+        read_prompts(path)
     assert str(path) in str(info.value)
 
 
@@ -91,7 +119,10 @@ def test_prompt_folder_errors(tmp_path: Path) -> None:
     folder = tmp_path / "prompts"
     write(folder / "10.txt", "ten")
     write(folder / "2.txt", "two\r\n")
-    assert [(p.id, p.text, p.source) for p in read_prompts(folder)] == [("2", "two", "prompts"), ("10", "ten", "prompts")]
+    assert [(p.id, p.text, p.source) for p in read_prompts(folder)] == [
+        ("2", "two", "prompts"),
+        ("10", "ten", "prompts"),
+    ]
     bad = write(folder / "3.txt", "first\nsecond")
     with pytest.raises(PromptFileError, match="exactly one non-empty line") as info:
         read_prompts(folder)

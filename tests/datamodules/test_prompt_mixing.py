@@ -23,7 +23,9 @@ def make_set(tmp_path: Path, name: str, n: int) -> str:
     return str(path)
 
 
-def source_shares(tmp_path: Path, sizes: dict[str, int], weights: dict[str, float], draws: int) -> dict[str, float]:
+def source_shares(
+    tmp_path: Path, sizes: dict[str, int], weights: dict[str, float], draws: int
+) -> dict[str, float]:
     sources = [PromptSource(make_set(tmp_path, k, n), weight=weights[k]) for k, n in sizes.items()]
     prompts, item_weights = load_prompt_sources(sources)
     sampler = StreamSampler(len(prompts), batch_size=1, seed=123, weights=item_weights)
@@ -44,10 +46,15 @@ def test_unequal_weights(tmp_path: Path) -> None:
 
 def test_item_weights_sum_per_source(tmp_path: Path) -> None:
     prompts, weights = load_prompt_sources(
-        [PromptSource(make_set(tmp_path, "a", 10), weight=2), PromptSource(make_set(tmp_path, "b", 30), limit=5)]
+        [
+            PromptSource(make_set(tmp_path, "a", 10), weight=2),
+            PromptSource(make_set(tmp_path, "b", 30), limit=5),
+        ]
     )
     assert len(prompts) == 15 and [p.source for p in prompts] == ["a"] * 10 + ["b"] * 5
-    assert [p.text for p in prompts[10:]] == [f"b prompt {i}" for i in range(5)]  # limit keeps the first items
+    assert [p.text for p in prompts[10:]] == [
+        f"b prompt {i}" for i in range(5)
+    ]  # limit keeps the first items
     assert sum(weights[:10]) == pytest.approx(2 / 3) and sum(weights[10:]) == pytest.approx(1 / 3)
 
 
@@ -77,4 +84,8 @@ def test_dataset_and_collate(tmp_path: Path) -> None:
     ds = PromptDataset(prompts)
     assert len(ds) == 5 and ds[2] == prompts[2]
     batch = next(iter(DataLoader(ds, batch_size=3, collate_fn=collate_prompts)))
-    assert batch == {"prompts": ["a prompt 0", "a prompt 1", "a prompt 2"], "ids": ["0", "1", "2"], "sources": ["set"] * 3}
+    assert batch == {
+        "prompts": ["a prompt 0", "a prompt 1", "a prompt 2"],
+        "ids": ["0", "1", "2"],
+        "sources": ["set"] * 3,
+    }

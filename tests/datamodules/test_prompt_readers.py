@@ -12,14 +12,50 @@ from t2i_align.datamodules import read_prompts, sniff_format
 # Prompt lists under ../shared/benchmarks and the format "auto" must pick for each. Not prompt lists (and
 # not supported): tifa/human_annotations/*, tifa/sample/sample_{imgs,question_answers,evaluation_result}.json.
 SUPPORTED: dict[str, str] = {
-    **{f"t2i_compbench/{n}.txt": "txt" for n in (
-        "3d_spatial 3d_spatial_train 3d_spatial_val color color_train color_val color_val_seen color_val_unseen "
-        "complex complex_train complex_train_action complex_train_spatial complex_train_spatialaction complex_val "
-        "complex_val_action complex_val_spatial complex_val_spatialaction new_objects non_spatial non_spatial_train "
-        "non_spatial_val numeracy numeracy_train numeracy_val shape shape_train shape_val shape_val_seen "
-        "shape_val_unseen spatial spatial_train spatial_val texture texture_train texture_val texture_val_seen "
-        "texture_val_unseen legacy_pre_3310c2f/color legacy_pre_3310c2f/color_val"
-    ).split()},
+    **{
+        f"t2i_compbench/{n}.txt": "txt"
+        for n in [
+            "3d_spatial",
+            "3d_spatial_train",
+            "3d_spatial_val",
+            "color",
+            "color_train",
+            "color_val",
+            "color_val_seen",
+            "color_val_unseen",
+            "complex",
+            "complex_train",
+            "complex_train_action",
+            "complex_train_spatial",
+            "complex_train_spatialaction",
+            "complex_val",
+            "complex_val_action",
+            "complex_val_spatial",
+            "complex_val_spatialaction",
+            "new_objects",
+            "non_spatial",
+            "non_spatial_train",
+            "non_spatial_val",
+            "numeracy",
+            "numeracy_train",
+            "numeracy_val",
+            "shape",
+            "shape_train",
+            "shape_val",
+            "shape_val_seen",
+            "shape_val_unseen",
+            "spatial",
+            "spatial_train",
+            "spatial_val",
+            "texture",
+            "texture_train",
+            "texture_val",
+            "texture_val_seen",
+            "texture_val_unseen",
+            "legacy_pre_3310c2f/color",
+            "legacy_pre_3310c2f/color_val",
+        ]
+    },
     "structured_diffusion/ABC-6K.txt": "txt",
     "structured_diffusion/CC-500.txt": "txt",
     "comat/collected_data/abc5k.txt": "txt",
@@ -58,7 +94,9 @@ def _check_clean(prompts) -> None:
 
 
 @pytest.mark.parametrize("rel", sorted(SUPPORTED))
-def test_real_file_counts_and_cleanliness(benchmarks: Path, provenance_counts: dict[str, int], rel: str) -> None:
+def test_real_file_counts_and_cleanliness(
+    benchmarks: Path, provenance_counts: dict[str, int], rel: str
+) -> None:
     path = benchmarks / rel
     assert sniff_format(path) == SUPPORTED[rel]
     prompts = read_prompts(path)
@@ -101,7 +139,9 @@ def test_vilg300_multiline_cell_survives(benchmarks: Path) -> None:
     assert prompts[0].text == "A red colored car."
     assert prompts[0].meta == {"text_zh": "一辆红色的汽车。", "category_zh": "颜色", "origin": "DrawBench"}
     frame = [p for p in prompts if p.text.startswith("A triangular orange picture frame")]
-    assert [p.text for p in frame] == ["A triangular orange picture frame. An orange picture frame in the shape of a triangle."]
+    assert [p.text for p in frame] == [
+        "A triangular orange picture frame. An orange picture frame in the shape of a triangle."
+    ]
     # DrawBench holds the same prompts on one line: the wrapped ViLG cells must read identically.
     drawbench = {p.text for p in read_prompts(benchmarks / "drawbench" / "DrawBench.csv")}
     otto = [p.text for p in prompts if "Otto von Garfield" in p.text]
@@ -134,9 +174,14 @@ def test_json_ids_come_from_the_files(benchmarks: Path) -> None:
     assert tifa[0].text == "On a gray day a surfer carrying a white board walks on a beach."
     assert sum("coco_val_id" in p.meta for p in tifa) == 2000  # PROVENANCE.md: 2,000 COCO captions
     multigen = read_prompts(benchmarks / "tokencompose" / "multigen" / "coco_obj_comp_5_1k.json")
-    assert multigen[0].id == "0" and multigen[0].text == "a photo of a book, a cup, a kite, a mouse, and a surfboard."
+    assert (
+        multigen[0].id == "0"
+        and multigen[0].text == "a photo of a book, a cup, a kite, a mouse, and a surfboard."
+    )
     assert multigen[0].meta["obj_5_attributes"] == ["surfboard"]
     refl = read_prompts(benchmarks / "imagereward" / "refl_data.json")
-    assert refl[0].id == "000044-0048" and refl[2].text == "a hybrid animal of a cat and a human"  # trailing space stripped
+    assert (
+        refl[0].id == "000044-0048" and refl[2].text == "a hybrid animal of a cat and a human"
+    )  # trailing space stripped
     test = read_prompts(benchmarks / "imagereward" / "test.json")
     assert test[0].id == "005658-0040" and test[0].meta["ranking"] == [1, 2, 5, 3]

@@ -20,7 +20,9 @@ def reference_stream(n: int, seed: int, length: int, shuffle: bool = True, weigh
             return out[:length]
         g = torch.Generator().manual_seed(seed + epoch)
         if weights is not None:
-            out += torch.multinomial(torch.tensor(weights, dtype=torch.float64), n, True, generator=g).tolist()
+            out += torch.multinomial(
+                torch.tensor(weights, dtype=torch.float64), n, True, generator=g
+            ).tolist()
         else:
             out += torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
     raise AssertionError
@@ -31,7 +33,7 @@ def train(samplers: list[StreamSampler], steps: int, iterators=None) -> list[int
     iterators = iterators or [iter(s) for s in samplers]
     out: list[int] = []
     for _ in range(steps):
-        for s, it in zip(samplers, iterators):
+        for s, it in zip(samplers, iterators, strict=True):
             out += [next(it) for _ in range(s.batch_size)]
         for s in samplers:
             s.advance(s.num_replicas * s.batch_size)
@@ -57,7 +59,9 @@ def test_each_epoch_is_a_permutation_and_epochs_differ() -> None:
 
 
 @pytest.mark.parametrize(("w1", "b1", "w2", "b2"), [(3, 2, 2, 3), (3, 2, 4, 5), (1, 8, 2, 1), (2, 4, 3, 3)])
-def test_resume_with_other_world_and_batch_size_continues_the_stream(w1: int, b1: int, w2: int, b2: int) -> None:
+def test_resume_with_other_world_and_batch_size_continues_the_stream(
+    w1: int, b1: int, w2: int, b2: int
+) -> None:
     n, k1, k2 = 13, 5, 7
     before = ranks(n, w1, b1)
     first = train(before, k1)
@@ -134,11 +138,17 @@ def test_lightning_sees_an_infinite_distributed_sampler() -> None:
     assert s.state_dict()["epoch"] == 0
     batches = list(itertools.islice(iter(loader), 3))
     expected = reference_stream(10, 0, 12)
-    assert [b.tolist() for b in batches] == [[100 + i for i in expected[w * 4 + 2 : w * 4 + 4]] for w in range(3)]
+    assert [b.tolist() for b in batches] == [
+        [100 + i for i in expected[w * 4 + 2 : w * 4 + 4]] for w in range(3)
+    ]
 
 
 def test_invalid_arguments() -> None:
-    for kwargs in ({"n": 0, "batch_size": 1}, {"n": 3, "batch_size": 0}, {"n": 3, "batch_size": 1, "rank": 2, "num_replicas": 2}):
+    for kwargs in (
+        {"n": 0, "batch_size": 1},
+        {"n": 3, "batch_size": 0},
+        {"n": 3, "batch_size": 1, "rank": 2, "num_replicas": 2},
+    ):
         with pytest.raises(ValueError):
             StreamSampler(**kwargs)
 

@@ -1,8 +1,7 @@
-"""T2IDataModule: loaders and batch formats, multi-rank streams, state round-trip, and a real Trainer resume."""
+"""T2IDataModule: loaders, batch formats, multi-rank streams, state round-trip, a real Trainer resume."""
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import lightning as L
@@ -69,7 +68,11 @@ def test_pairs_only_and_two_loader_dict_batch(prompt_files, make_pair_jsonl) -> 
     pairs = make_pair_jsonl(3)
     dm = make_dm(None, pairs)
     batch = take(dm.train_dataloader(), 1)[0]  # setup() is called lazily
-    assert batch["pixel_values"].shape == (2, 3, 8, 8) and len(batch["captions"]) == 2 and len(batch["masks"]) == 2
+    assert (
+        batch["pixel_values"].shape == (2, 3, 8, 8)
+        and len(batch["captions"]) == 2
+        and len(batch["masks"]) == 2
+    )
     both = make_dm(prompt_files, pairs)
     both.setup("fit")
     loader = both.train_dataloader()
@@ -92,8 +95,10 @@ def test_ranks_split_the_single_process_stream(prompt_files) -> None:
         per_rank.append(take(dm.train_dataloader(), 4, dm))
     got = [i for step in range(4) for r in range(3) for i in per_rank[r][step]["ids"]]
     sources = [s for step in range(4) for r in range(3) for s in per_rank[r][step]["sources"]]
-    single_sources = [s for b in take(make_dm(prompt_files, batch_size=6).train_dataloader(), 4) for s in b["sources"]]
-    assert list(zip(got, sources)) == list(zip(expected, single_sources))
+    single_sources = [
+        s for b in take(make_dm(prompt_files, batch_size=6).train_dataloader(), 4) for s in b["sources"]
+    ]
+    assert list(zip(got, sources, strict=True)) == list(zip(expected, single_sources, strict=True))
     assert dms[0].state_dict() == single.state_dict()
 
 
@@ -105,7 +110,9 @@ def test_state_dict_roundtrip_continues_the_stream(prompt_files, make_pair_jsonl
     first = take(loader, 3, dm)
     state = dm.state_dict()
     reference = take(dm.train_dataloader(), 4)  # fresh loader from the saved position (nothing advanced)
-    assert ids(reference[:1], "prompts") != ids(first[:1], "prompts") or ids(reference[:1], "pairs") != ids(first[:1], "pairs")
+    assert ids(reference[:1], "prompts") != ids(first[:1], "prompts") or ids(reference[:1], "pairs") != ids(
+        first[:1], "pairs"
+    )
 
     resumed = make_dm(prompt_files, pairs, seed=7)
     if when == "before_setup":  # as Lightning does: restore_datamodule runs before train_dataloader()
@@ -124,8 +131,12 @@ def test_state_dict_roundtrip_continues_the_stream(prompt_files, make_pair_jsonl
 def test_val_loaders(prompt_files, make_pair_jsonl) -> None:
     pairs = make_pair_jsonl(3)
     dm = T2IDataModule(
-        val_prompts=[PromptSource(p) for p in prompt_files], val_pairs=PairSource(str(pairs)),
-        batch_size=2, val_batch_size=4, resolution=8, val_limit=10,
+        val_prompts=[PromptSource(p) for p in prompt_files],
+        val_pairs=PairSource(str(pairs)),
+        batch_size=2,
+        val_batch_size=4,
+        resolution=8,
+        val_limit=10,
     )
     dm.setup("validate")
     loaders = dm.val_dataloader()
@@ -189,12 +200,22 @@ class Recorder(L.LightningModule):
 def fit(tmp_path: Path, prompt_file: str, hook: str, max_steps: int, ckpt: str | None = None) -> Recorder:
     model = Recorder(hook)
     dm = T2IDataModule(
-        train_prompts=[PromptSource(prompt_file)], val_prompts=[PromptSource(prompt_file)], batch_size=3,
-        val_batch_size=8, val_limit=8,
+        train_prompts=[PromptSource(prompt_file)],
+        val_prompts=[PromptSource(prompt_file)],
+        batch_size=3,
+        val_batch_size=8,
+        val_limit=8,
     )
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
         callbacks=[ModelCheckpoint(dirpath=tmp_path / hook, every_n_train_steps=2, save_top_k=-1)],
     )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
