@@ -1,0 +1,139 @@
+"""Every YAML under configs/ parses and type-checks with the CLI; the tiny stack builds; --print_config works."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from t2i_align.cli import T2ICLI
+from t2i_align.cli import main as cli_main
+from tests.helpers import REPO_ROOT
+
+CONFIGS = Path(REPO_ROOT) / "configs"
+BASE = ["trainer/cpu.yaml", "method/finetune.yaml", "model/tiny.yaml", "data/tiny_pairs.yaml"]
+# Fragments documented as stacking after another one of their group (see their header comments).
+STACK_AFTER = {"trainer/ddp.yaml": ["trainer/gpu.yaml"], "trainer/multinode.yaml": ["trainer/gpu.yaml"]}
+FRAGMENTS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+
+
+class ParseOnlyCLI(T2ICLI):
+    """Parses and validates (jsonargparse checks every class_path and init_args type while parsing) but
+    builds nothing: no weights are loaded and no data is read."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def config_args(*names: str) -> list[str]:
+    return [arg for name in names for arg in ("--config", str(CONFIGS / name))]
+
+
+def parse_only(args: list[str]) -> dict:
+    return ParseOnlyCLI(args=args, run=False).config.as_dict()
+
+
+def stack_for(fragment: str) -> list[str]:
+    """Experiments stand alone; any other fragment goes on top of the base stack, overriding it."""
+    if fragment.startswith("experiment/"):
+        return [fragment]
+    return [*BASE, *STACK_AFTER.get(fragment, []), fragment]
+
+
+def assert_sets(parsed, fragment, key: str = "") -> None:
+    """Every value the fragment sets is the parsed value (lists and dicts compared entry by entry)."""
+    if isinstance(fragment, dict):
+        for name, value in fragment.items():
+            assert isinstance(parsed, dict) and name in parsed, f"{key}.{name} missing"
+            assert_sets(parsed[name], value, f"{key}.{name}")
+    elif isinstance(fragment, list):
+        assert isinstance(parsed, list) and len(parsed) == len(fragment), key
+        for i, (p, f) in enumerate(zip(parsed, fragment)):
+            assert_sets(p, f, f"{key}[{i}]")
+    else:
+        assert parsed == fragment, f"{key}: {parsed!r} != {fragment!r}"
+
+
+def test_every_config_is_covered():
+    assert set(BASE) <= set(FRAGMENTS) and "experiment/tiny_demo.yaml" in FRAGMENTS
+    assert set(FRAGMENTS) > set(BASE)
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS)
+def test_config_parses_on_its_stack(fragment):
+    parsed = parse_only(config_args(*stack_for(fragment)))
+    assert_sets(parsed, yaml.safe_load((CONFIGS / fragment).read_text()))
+    assert parsed["model"]["class_path"] and parsed["data"]["class_path"]
+
+
+@pytest.mark.parametrize(("key", "parses"), [("seed", True), ("seeed", False), ("generator.lora.rnak", False)])
+def test_misspelt_model_key_fails_to_parse(tmp_path, capsys, key, parses):
+    init_args: dict = {}
+    node = init_args
+    *parents, leaf = key.split(".")
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[leaf] = 3
+    typo = tmp_path / "override.yaml"
+    typo.write_text(yaml.safe_dump({"model": {"init_args": init_args}}))
+    args = config_args(*BASE) + ["--config", str(typo)]
+    if parses:
+        assert parse_only(args)["model"]["init_args"]["seed"] == 3
+    else:
+        with pytest.raises(SystemExit):
+            parse_only(args)
+        assert leaf in capsys.readouterr().err
+
+
+def test_tiny_stack_builds_model_and_datamodule(tiny_sd, tiny_pairs, tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from t2i_align.callbacks import ExportWeights
+    from t2i_align.datamodules import T2IDataModule
+    from t2i_align.lightning_modules import Finetune
+
+    monkeypatch.chdir(tmp_path)
+    cli = T2ICLI(
+        args=config_args(*BASE)
+        + [
+            f"--model.init_args.generator.pretrained={tiny_sd}",
+            f"--data.init_args.train_pairs.path={tiny_pairs}",
+            f"--data.init_args.val_pairs.path={tiny_pairs}",
+        ],
+        run=False,
+    )
+    # model: the method's class and optimizer, the model fragment's LoRA
+    assert type(cli.model) is Finetune
+    trainable = [n for n, p in cli.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    optimizer = cli.model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["lr"] == 1e-4
+    # data: the data fragment's batch size and resolution, read from the synthetic pairs
+    assert type(cli.datamodule) is T2IDataModule
+    cli.datamodule.setup("fit")
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    # trainer: the trainer fragment
+    assert cli.trainer.max_steps == 20
+    assert {type(c) for c in cli.trainer.callbacks} >= {ModelCheckpoint, ExportWeights}
+
+
+def test_print_config_prints_the_complete_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def print_config(config: Path) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["fit", "--config", str(config), "--print_config"])
+        assert exit_info.value.code in (None, 0)
+        return capsys.readouterr().out
+
+    printed = print_config(CONFIGS / "experiment/tiny_demo.yaml")
+    assert "class_path: t2i_align.lightning_modules.Finetune" in printed
+    config = yaml.safe_load(printed)
+    assert {"seed_everything", "trainer", "model", "data", "ckpt_path"} <= set(config)
+    assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 1e-3  # from the experiment
+    assert config["model"]["init_args"]["seed"] == 0  # a default the experiment does not set
+    assert config["trainer"]["logger"]["init_args"]["name"] == "logs"
+    # complete: the printed config alone reproduces itself
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert print_config(tmp_path / "printed.yaml") == printed
