@@ -21,7 +21,11 @@ class RunConfigCallback(SaveConfigCallback):
     Lightning's default writes ``<log_dir>/config.yaml``; with ``WandbLogger`` that is the working
     directory, so the second run (or sweep trial) started there crashes on the existing file. Here the
     file goes to the W&B run folder (uploaded with the run) or the CSV/TensorBoard version folder.
+    In the W&B run folder it is named ``lightning_config.yaml``: W&B owns ``files/config.yaml`` there and
+    rewrites it with its own config record when an online run finishes or an offline run is synced.
     """
+
+    wandb_config_filename = "lightning_config.yaml"
 
     def __init__(self, parser, config, config_filename: str = "config.yaml", overwrite: bool = True, multifile: bool = False):
         super().__init__(parser, config, config_filename, overwrite, multifile, save_to_log_dir=False)
@@ -30,14 +34,14 @@ class RunConfigCallback(SaveConfigCallback):
         config = self.config.as_dict()
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                run_dir = logger.experiment.dir
+                run_dir, filename = logger.experiment.dir, self.wandb_config_filename
                 logger.experiment.config.update(config, allow_val_change=True)
             else:
-                run_dir = logger.log_dir
+                run_dir, filename = logger.log_dir, self.config_filename
                 logger.log_hyperparams(config)
             if run_dir:
                 os.makedirs(run_dir, exist_ok=True)
-                self.parser.save(self.config, os.path.join(run_dir, self.config_filename), skip_none=False, overwrite=True)
+                self.parser.save(self.config, os.path.join(run_dir, filename), skip_none=False, overwrite=True)
         if not trainer.loggers:
             os.makedirs(trainer.default_root_dir, exist_ok=True)
             path = os.path.join(trainer.default_root_dir, self.config_filename)

@@ -1,4 +1,5 @@
-"""Every YAML under configs/ parses and type-checks with the CLI; the tiny stack builds; --print_config works."""
+"""Every YAML under configs/ parses and type-checks with the CLI; the tiny stack builds; --print_config
+works."""
 
 from pathlib import Path
 
@@ -15,6 +16,8 @@ BASE = ["trainer/cpu.yaml", "method/finetune.yaml", "model/tiny.yaml", "data/tin
 # Fragments documented as stacking after another one of their group (see their header comments).
 STACK_AFTER = {"trainer/ddp.yaml": ["trainer/gpu.yaml"], "trainer/multinode.yaml": ["trainer/gpu.yaml"]}
 FRAGMENTS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
 class ParseOnlyCLI(T2ICLI):
@@ -66,7 +69,9 @@ def test_config_parses_on_its_stack(fragment):
     assert parsed["model"]["class_path"] and parsed["data"]["class_path"]
 
 
-@pytest.mark.parametrize(("key", "parses"), [("seed", True), ("seeed", False), ("generator.lora.rnak", False)])
+@pytest.mark.parametrize(
+    ("key", "parses"), [("seed", True), ("seeed", False), ("generator.lora.rnak", False)]
+)
 def test_misspelt_model_key_fails_to_parse(tmp_path, capsys, key, parses):
     init_args: dict = {}
     node = init_args
