@@ -13,6 +13,18 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
+def _default_permissions(root: Path) -> None:
+    """mkdtemp creates 0700 folders (and some writers 0600 files): give what we publish the umask's modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success it replaces ``path`` with ``os.replace``.
@@ -26,6 +38,7 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     target = tmp if is_dir else tmp / path.name
     try:
         yield target
+        _default_permissions(tmp)
         if not is_dir:
             with open(target, "rb") as f:
                 os.fsync(f.fileno())
