@@ -1,0 +1,1 @@
+"""ToyWorld: a synthetic compositional world with an exact judge (see world.py)."""
