@@ -157,11 +157,12 @@ def relation_holds(relation: str, a, b) -> bool:
 @dataclass(frozen=True)
 class Distribution:
     """Prompt priors. ``templates`` are weights; ``canonical_p`` is the chance a shape takes its canonical
-    colour (otherwise uniform over the others); size/texture words appear with ``size_word_p``/``texture_word_p``."""
+    colour (otherwise uniform over the others; None: uniform over all colours); size/texture words appear
+    with ``size_word_p``/``texture_word_p``."""
 
     name: str
     templates: dict[str, float]
-    canonical_p: float
+    canonical_p: float | None
     size_word_p: float = 0.3
     texture_word_p: float = 0.3
     striped_p: float = 0.3
@@ -171,14 +172,15 @@ class Distribution:
 # Natural: ~85 % canonical colours, ~90 % of scenes with 1-2 objects (single + pair + spatial + 2-counts).
 NATURAL = Distribution("natural", {"single": 0.62, "pair": 0.14, "spatial": 0.14, "counting": 0.07, "multi": 0.03}, 0.85)
 # Compositional: uniform colours, 2-4 objects.
-COMPOSITIONAL = Distribution("compositional", {"pair": 0.25, "spatial": 0.25, "counting": 0.25, "multi": 0.25}, 1 / len(COLOURS))
+COMPOSITIONAL = Distribution("compositional", {"pair": 0.25, "spatial": 0.25, "counting": 0.25, "multi": 0.25}, None)
 
 
 def _colour(shape: str, dist: Distribution, rng: random.Random) -> str:
+    if dist.canonical_p is None:
+        return rng.choice(list(COLOURS))
     if rng.random() < dist.canonical_p:
         return CANONICAL[shape]
-    others = [c for c in COLOURS if c != CANONICAL[shape]] if dist.canonical_p > 1 / len(COLOURS) else list(COLOURS)
-    return rng.choice(others)
+    return rng.choice([c for c in COLOURS if c != CANONICAL[shape]])
 
 
 def _phrase(shape: str, dist: Distribution, rng: random.Random, count: int = 1) -> Phrase:
