@@ -50,10 +50,11 @@ def _colour_binding(rng: random.Random) -> PromptSpec:
 
 
 def _shape(rng: random.Random) -> PromptSpec:
-    """Two different shapes in the same colour."""
+    """Two different shapes in the same colour (colour cannot tell them apart), sizes optionally named."""
     s1, s2 = _two_shapes(rng)
     c = rng.choice(list(COLOURS))
-    return PromptSpec((Phrase(s1, colour=c), Phrase(s2, colour=c)), None, "pair")
+    z1, z2 = rng.choice((None, "small", "big")), rng.choice((None, "small", "big"))
+    return PromptSpec((Phrase(s1, colour=c, size=z1), Phrase(s2, colour=c, size=z2)), None, "pair")
 
 
 def _texture(rng: random.Random) -> PromptSpec:

@@ -1,0 +1,74 @@
+"""Write the ToyWorld data splits: ``python -m t2i_align.toyworld.build OUT [--seed 0] ...``.
+
+Layout (everything deterministic from the seed)::
+
+    OUT/natural/metadata.jsonl (+ images/, masks/)    natural pairs: pretraining and L_pre data
+    OUT/natural_val/metadata.jsonl                    held-out natural pairs (validation, FID reference)
+    OUT/prompts/compositional_train.txt               compositional training prompts
+    OUT/prompts/eval/<category>.txt                   evaluation prompts (T2I-CompBench-style txt)
+    OUT/prompts/canonical_single.txt                  single objects in canonical colours (base-model check)
+    OUT/manifest.json                                 seed, sizes and distribution parameters
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from t2i_align.io import atomic_path
+from t2i_align.toyworld.splits import (
+    canonical_single_prompts,
+    eval_prompt_sets,
+    natural_scenes,
+    training_prompts,
+    write_pairs,
+    write_prompts,
+)
+from t2i_align.toyworld.world import COMPOSITIONAL, NATURAL
+
+
+def build(out: str | Path, seed: int = 0, natural: int = 20000, natural_val: int = 512, train_prompts: int = 5000,
+          eval_per_category: int = 100, size: int = 64) -> Path:
+    """Write all splits into ``out`` (replaced atomically) and return it."""
+    out = Path(out)
+    with atomic_path(out, is_dir=True) as tmp:
+        evals = eval_prompt_sets(seed, eval_per_category)
+        eval_texts = {s.text() for specs in evals.values() for s in specs}
+        for category, specs in evals.items():
+            write_prompts(specs, tmp / "prompts" / "eval" / f"{category}.txt")
+        write_prompts(training_prompts(seed, train_prompts, eval_texts), tmp / "prompts" / "compositional_train.txt")
+        write_prompts(canonical_single_prompts(), tmp / "prompts" / "canonical_single.txt")
+        scenes = natural_scenes(seed, natural + natural_val, eval_texts)
+        write_pairs(scenes[:natural], tmp / "natural", size)
+        write_pairs(scenes[natural:], tmp / "natural_val", size)
+        manifest = {
+            "seed": seed,
+            "image_size": size,
+            "natural": natural,
+            "natural_val": natural_val,
+            "train_prompts": train_prompts,
+            "eval_per_category": eval_per_category,
+            "distributions": [dataclasses.asdict(NATURAL), dataclasses.asdict(COMPOSITIONAL)],
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--natural", type=int, default=20000, help="natural training pairs")
+    parser.add_argument("--natural-val", type=int, default=512, help="held-out natural pairs")
+    parser.add_argument("--train-prompts", type=int, default=5000, help="compositional training prompts")
+    parser.add_argument("--eval-per-category", type=int, default=100)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    args = parser.parse_args(argv)
+    build(args.out, args.seed, args.natural, args.natural_val, args.train_prompts, args.eval_per_category, args.size)
+    print(f"wrote ToyWorld splits to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
