@@ -1,21 +1,23 @@
 """The exact ToyWorld judge: find every object in an image and read off its shape, colour, size and texture.
 
-Pipeline (geometry in 64-px canvas units, scaled by ``image size / 64``):
+Geometry is in 64-px canvas units and scales with ``image size / 64``. Pipeline:
 
-1. *Foreground and colour.* A lightly smoothed copy of the image is compared with the known background.
-   Each pixel's colour is the palette colour whose background-relative hue (angle in the opponent-colour
-   plane of ``pixel - BACKGROUND``) is nearest; mixing with the grey background or darkening to the stripe
-   shade keeps that angle. A pixel belongs to colour ``c`` if it is at least ``mask_level`` of the way from
-   the background to ``c`` (RGB distance; so the mask edge sits at ~50 % coverage, like the renderer's
-   masks) and its chroma is at least ``chroma_level`` of ``c``'s.
-2. *Objects.* Per colour, 4-connected components with holes filled; components below ``min_area`` dropped.
-3. *Attributes.* Shape from two scale-invariant mask features, solidity (area / convex-hull area: the star
-   is the only concave shape) and extent (area / bounding-box area: square ~1, circle ~0.79, triangle ~0.5);
-   size from the area relative to the expected small/big areas of that shape; texture from the amplitude
-   of the row-mean brightness profile at the stripe frequency. All thresholds and expected values are
-   *calibrated from the renderer*: at the first image of each resolution the judge renders a fixed set of
-   single objects (clean and :func:`degrade`-d), measures the same features and puts each threshold at
-   the spread-weighted midpoint between the two classes it separates.
+1. *Segmentation.* On a lightly smoothed copy, each pixel takes the palette colour whose hue relative to
+   the background (angle of ``pixel - BACKGROUND`` in the opponent-colour plane) is nearest; mixing with
+   the grey background, darkening to the stripe shade and blur all keep that angle. A pixel belongs to
+   colour ``c`` if it lies at least ``mask_level`` of the way from the background to ``c`` (RGB distance;
+   so the mask edge sits at ~50 % coverage, like the renderer's masks) and has at least ``chroma_level``
+   of ``c``'s chroma. Per colour: 4-connected components, holes filled, components below ``min_area``
+   dropped. Same-colour objects whose corners touch (squares and triangles reach beyond their bounding
+   circle) are split where an erosion by ``split_erosion`` leaves several sizeable cores.
+2. *Unmixing.* On the raw image every pixel near the object is written as
+   ``BACKGROUND + a (c - BACKGROUND) + b (STRIPE_SHADE c - BACKGROUND)``: ``a + b`` is the object's coverage
+   (exact under antialiasing and any blur, since both are linear) and ``b`` its dark-stripe share.
+3. *Shape and size* by template matching: the coverage map is compared (sum of squared differences) with
+   the renderer's own coverage of each shape x size, drawn with the same centroid and blurred by each of
+   ``blur_grid``; the best fit wins and also gives the centre.
+4. *Texture*: amplitude, at the stripe frequency, of the rows' dark share ``sum b / sum (a + b)``;
+   striped above ``stripe_level`` (clean renders: striped ~0.5, plain ~0.01; blur sigma 1 px leaves ~0.15).
 
 :func:`match` and :class:`JudgeScore` implement the object-level accuracy used to check the judge.
 """
@@ -23,23 +25,23 @@ Pipeline (geometry in 64-px canvas units, scaled by ``image size / 64``):
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
-from scipy.spatial import ConvexHull, QhullError
 
 from t2i_align.toyworld.world import (
-    BACKGROUND, COLOURS, DIAMETER, SHAPES, SIZES, STRIPE_PERIOD, STRIPE_SHADE, Obj, PromptSpec, Scene, render,
+    BACKGROUND, COLOURS, SHAPES, SIZES, STRIPE_PERIOD, STRIPE_SHADE, Obj, PromptSpec, Scene, _draw_shape, render,
 )
 
 _BG = np.array(BACKGROUND, dtype=np.float32) / 255
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32) / 255
 _NAMES = tuple(COLOURS)
+_SUPERSAMPLE = 4  # as the renderer
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,11 @@ class Detection:
     colour: str
     size: str
     texture: str
-    x: float  # estimated centre of the object's bounding circle (as ``Obj.x``)
+    x: float  # centre of the object's bounding circle (as ``Obj.x``), from the best-fitting template
     y: float
-    box: tuple[float, float, float, float]  # x0, y0, x1, y1
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 of the mask
     mask: np.ndarray = field(repr=False, compare=False)  # bool, image resolution
-    area: float = 0.0  # in 64-px canvas pixels
+    area: float = 0.0  # coverage (sum of a + b), 64-px canvas pixels
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -82,34 +84,28 @@ def degrade(image, rng: np.random.Generator, blur: tuple[float, float] = (0.5, 1
     return np.clip(arr, 0, 1).astype(np.float32)
 
 
-# -------------------------------------------------------------------------------------------- thresholds
-def _split(a: np.ndarray, b: np.ndarray) -> float:
-    """Threshold between samples ``a`` (lower class) and ``b``: the midpoint of the means weighted by the
-    spreads (equal number of standard deviations from either mean)."""
-    ma, mb = float(np.mean(a)), float(np.mean(b))
-    sa, sb = float(np.std(a)) + 1e-6, float(np.std(b)) + 1e-6
-    return (ma * sb + mb * sa) / (sa + sb)
+# ------------------------------------------------------------------------------------------- templates
+def _coverage(shape: str, size: str, x: float, y: float, s: float, h: int, w: int) -> np.ndarray:
+    """The renderer's coverage (0..1) of a ``shape`` x ``size`` object centred at image pixel (x, y), on an
+    h x w image of scale ``s`` (image px per canvas px)."""
+    ss = _SUPERSAMPLE
+    canvas = Image.new("L", (w * ss, h * ss), 0)
+    _draw_shape(ImageDraw.Draw(canvas), Obj(shape, "red", size, "plain", x / s, y / s), ss * s, 255)
+    return np.asarray(canvas, dtype=np.float32).reshape(h, ss, w, ss).mean(axis=(1, 3)) / 255
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """Thresholds measured on renders at one image size (log-areas and log-stripe scores)."""
-
-    star_solidity: float  # solidity below this: star
-    square_extent: float  # extent above this (non-star): square
-    triangle_extent: float  # extent below this (non-star): triangle
-    log_area_split: dict[str, float]  # per shape: log area (64-px units) above this: big
-    expected_area: dict[tuple[str, str], float]  # (shape, size) -> mean area, 64-px units
-    centre_offset: dict[str, tuple[float, float]]  # per shape: (true centre - box centre) / box (w, h)
-    log_stripe_split: float  # log stripe score above this: striped
+@lru_cache(maxsize=None)
+def _centroid_offset(shape: str, size: str, s: float) -> tuple[float, float]:
+    """(coverage centroid - object centre) in image pixels, measured on the renderer's own drawing."""
+    n = math.ceil(32 * s)
+    cov = _coverage(shape, size, n / 2, n / 2, s, n, n)
+    ys, xs = np.mgrid[:n, :n] + 0.5
+    return float((cov * xs).sum() / cov.sum() - n / 2), float((cov * ys).sum() / cov.sum() - n / 2)
 
 
-@dataclass
-class _Blob:
-    colour: str
-    mask: np.ndarray  # full-image bool
-    features: dict[str, float]
-    box: tuple[float, float, float, float]  # pixels
+def _unmixing() -> np.ndarray:
+    """Per colour the 2 x 3 least-squares inverse of [c - BG, STRIPE_SHADE c - BG]."""
+    return np.stack([np.linalg.pinv(np.stack([c - _BG, STRIPE_SHADE * c - _BG], 1)) for c in _PALETTE]).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------- judge
@@ -117,12 +113,15 @@ class ToyJudge:
     """Detects ToyWorld objects and their attributes (see the module docstring).
 
     Args:
-        min_area: components smaller than this (64-px canvas pixels) are noise, not objects.
+        min_area: components whose mask or coverage is smaller than this (64-px canvas pixels) are noise.
         mask_level: fraction of the RGB distance from background to a colour a pixel must reach to belong to it.
-        chroma_level: fraction of the colour's chroma a pixel must reach (rejects grey/dark pixels).
-        smooth_sigma: Gaussian denoising before segmentation, in 64-px canvas pixels.
-        calibration_objects: renders per (shape, size, texture, clean/degraded) used for calibration.
-        seed: seed of the calibration renders.
+        chroma_level: fraction of the colour's chroma a pixel must also reach (rejects grey and dark pixels).
+        smooth_sigma: Gaussian denoising before segmentation (canvas px); attributes use the raw image.
+        split_erosion: erosion depth (canvas px) that separates touching same-colour objects.
+        split_min_core: an eroded core counts as an object if at least this big (canvas px).
+        blur_grid: blur sigmas (canvas px) tried for the templates.
+        stripe_level: stripe amplitude of the dark share, as a fraction of a clean render's, above which an
+            object is striped.
     """
 
     def __init__(
@@ -131,161 +130,137 @@ class ToyJudge:
         mask_level: float = 0.5,
         chroma_level: float = 0.2,
         smooth_sigma: float = 0.5,
-        calibration_objects: int = 6,
-        seed: int = 1234,
+        split_erosion: float = 2.0,
+        split_min_core: float = 6.0,
+        blur_grid: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0, 1.25),
+        stripe_level: float = 0.2,
     ) -> None:
         self.min_area = min_area
         self.mask_level = mask_level
         self.chroma_level = chroma_level
         self.smooth_sigma = smooth_sigma
-        self.calibration_objects = calibration_objects
-        self.seed = seed
+        self.split_erosion = split_erosion
+        self.split_min_core = split_min_core
+        self.blur_grid = blur_grid
+        self.stripe_level = stripe_level
         diff = _PALETTE - _BG
-        self._angles = np.arctan2(*_opponent(diff)[::-1])
+        o1, o2 = _opponent(diff)
+        self._angles = np.arctan2(o2, o1)
         self._dist = np.linalg.norm(diff, axis=1)
-        self._chroma = np.hypot(*_opponent(diff))
-        self._calibrations: dict[int, Calibration] = {}
+        self._chroma = np.hypot(o1, o2)
+        self._unmix = _unmixing()
+        self._references: dict[int, float] = {}
 
-    # ---------------------------------------------------------------------------------------- public
     def detect(self, image) -> list[Detection]:
         """All objects in ``image`` (PIL RGB, uint8/float HxWx3 array, or float 3xHxW tensor in [0, 1])."""
         arr = to_array(image)
-        cal = self.calibration(arr.shape[0])
-        return [self._classify(blob, cal, arr.shape[0] / 64) for blob in self._blobs(arr)]
+        owner, colours = self._segment(arr)
+        found = (self._describe(arr, owner, i + 1, colour) for i, colour in enumerate(colours))
+        return [d for d in found if d.area >= self.min_area]
 
     def detect_batch(self, images: torch.Tensor) -> list[list[Detection]]:
         """:meth:`detect` for each image of a B x 3 x H x W batch in [0, 1]."""
         return [self.detect(image) for image in images]
 
-    def calibration(self, size: int) -> Calibration:
-        """Thresholds for ``size``-px images, measured once on renders."""
-        if size not in self._calibrations:
-            self._calibrations[size] = self._calibrate(size)
-        return self._calibrations[size]
-
     # ----------------------------------------------------------------------------------- segmentation
-    def _blobs(self, arr: np.ndarray) -> list[_Blob]:
+    def _segment(self, arr: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """Label map (0 = background, i = object i) and each object's palette index."""
         s = arr.shape[0] / 64
         smooth = ndimage.gaussian_filter(arr, sigma=(self.smooth_sigma * s, self.smooth_sigma * s, 0), mode="nearest")
         diff = smooth - _BG
-        o1, o2 = _opponent(diff.reshape(-1, 3))
-        gap = np.angle(np.exp(1j * (np.arctan2(o2, o1)[:, None] - self._angles[None, :])))
-        label = np.abs(gap).argmin(axis=1).reshape(arr.shape[:2])
-        chroma = np.hypot(o1, o2).reshape(arr.shape[:2])
-        dist = np.linalg.norm(diff, axis=2)
-        blobs = []
-        for k, name in enumerate(_NAMES):
+        o1, o2 = _opponent(diff)
+        gap = np.abs(np.angle(np.exp(1j * (np.arctan2(o2, o1)[..., None] - self._angles))))
+        label = gap.argmin(axis=2)
+        chroma, dist = np.hypot(o1, o2), np.linalg.norm(diff, axis=2)
+        owner = np.zeros(arr.shape[:2], dtype=np.int32)
+        colours: list[int] = []
+        for k in range(len(_NAMES)):
             fg = (label == k) & (dist >= self.mask_level * self._dist[k]) & (chroma >= self.chroma_level * self._chroma[k])
-            comps, n = ndimage.label(fg)
+            comps, _ = ndimage.label(fg)
             for i, sl in enumerate(ndimage.find_objects(comps), start=1):
                 crop = ndimage.binary_fill_holes(comps[sl] == i)
-                if crop.sum() / s**2 < self.min_area:
+                if crop.sum() < self.min_area * s**2:
                     continue
-                mask = np.zeros(arr.shape[:2], dtype=bool)
-                mask[sl] |= crop
-                box = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
-                feats = _shape_features(crop)
-                feats["stripe"] = _stripe_score(arr[sl], crop, _PALETTE[k], STRIPE_PERIOD * s)
-                blobs.append(_Blob(name, mask, feats, box))
-        return blobs
+                for part in self._split(crop, s):
+                    colours.append(k)
+                    owner[sl][part] = len(colours)
+        return owner, colours
 
-    def _classify(self, blob: _Blob, cal: Calibration, s: float) -> Detection:
-        f = blob.features
-        if f["solidity"] < cal.star_solidity:
-            shape = "star"
-        elif f["extent"] > cal.square_extent:
-            shape = "square"
-        elif f["extent"] < cal.triangle_extent:
-            shape = "triangle"
-        else:
-            shape = "circle"
-        area = f["area"] / s**2
-        size = "big" if math.log(area) > cal.log_area_split[shape] else "small"
-        texture = "striped" if math.log(f["stripe"] + 1e-4) > cal.log_stripe_split else "plain"
-        x0, y0, x1, y1 = (v / s for v in blob.box)
-        ox, oy = cal.centre_offset[shape]
-        x, y = (x0 + x1) / 2 + ox * (x1 - x0), (y0 + y1) / 2 + oy * (y1 - y0)
-        return Detection(shape, blob.colour, size, texture, x, y, (x0, y0, x1, y1), blob.mask, area)
+    def _split(self, crop: np.ndarray, s: float) -> list[np.ndarray]:
+        """``crop`` as one mask per object: touching objects keep separate cores under erosion."""
+        depth = max(1, round(self.split_erosion * s))
+        padded = np.pad(crop, depth)
+        cores, n = ndimage.label(ndimage.binary_erosion(padded, np.ones((3, 3), bool), iterations=depth))
+        sizes = ndimage.sum_labels(np.ones_like(cores), cores, range(1, n + 1))
+        keep = [i + 1 for i, a in enumerate(sizes) if a >= self.split_min_core * s**2]
+        if len(keep) < 2:
+            return [crop]
+        seeds = np.where(np.isin(cores, keep), cores, 0)
+        _, (iy, ix) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+        nearest = seeds[iy, ix][depth:-depth, depth:-depth]
+        return [crop & (nearest == i) for i in keep]
 
-    # ------------------------------------------------------------------------------------ calibration
-    def _calibrate(self, size: int) -> Calibration:
-        rows: list[tuple[Obj, dict[str, float], tuple[float, float, float, float]]] = []
-        rng = random.Random(self.seed)
-        nrng = np.random.default_rng(self.seed)
-        s = size / 64
+    # ------------------------------------------------------------------------------------- attributes
+    def _describe(self, arr: np.ndarray, owner: np.ndarray, index: int, k: int) -> Detection:
+        s = arr.shape[0] / 64
+        h, w = owner.shape
+        mask = owner == index
+        ys, xs = np.nonzero(mask)
+        m = math.ceil(3 * s)
+        y0, y1, x0, x1 = max(ys.min() - m, 0), min(ys.max() + 1 + m, h), max(xs.min() - m, 0), min(xs.max() + 1 + m, w)
+        win = (slice(y0, y1), slice(x0, x1))
+        mine = mask[win]
+        usable = (owner[win] == 0) | mine  # pixels of other objects are left out of every comparison
+        near = ndimage.binary_dilation(mine, iterations=max(1, math.ceil(2 * s))) & usable
+        coef = (arr[win] - _BG) @ self._unmix[k].T  # a, b per pixel
+        cover = coef[..., 0] + coef[..., 1]
+        weight = np.where(near, np.clip(cover, 0, None), 0)
+        yy, xx = np.mgrid[y0:y1, x0:x1] + 0.5
+        cx, cy = (weight * xx).sum() / weight.sum(), (weight * yy).sum() / weight.sum()
+
+        best = (math.inf, "", "", 0.0, 0.0)
         for shape in SHAPES:
-            for sz in SIZES:
-                for texture in ("plain", "striped"):
-                    for k in range(2 * self.calibration_objects):
-                        obj = Obj(shape, rng.choice(_NAMES), sz, texture, 32 + rng.uniform(-2, 2), 32 + rng.uniform(-2, 2))
-                        image, _ = render(Scene(PromptSpec(()), (obj,), rng.randrange(2**31)), size=size)
-                        arr = degrade(image, nrng) if k % 2 else to_array(image)
-                        blobs = self._blobs(arr)
-                        if len(blobs) != 1:
-                            raise RuntimeError(f"calibration: {len(blobs)} components for {obj} at {size} px")
-                        rows.append((obj, blobs[0].features, tuple(v / s for v in blobs[0].box)))
+            for size in SIZES:
+                ox, oy = _centroid_offset(shape, size, s)
+                px, py = cx - ox - x0, cy - oy - y0
+                tmpl = _coverage(shape, size, px, py, s, y1 - y0, x1 - x0)
+                for sigma in self.blur_grid:
+                    t = ndimage.gaussian_filter(tmpl, sigma * s, mode="constant") if sigma > 0 else tmpl
+                    err = float((((cover - t) * usable) ** 2).sum())
+                    if err < best[0]:
+                        best = (err, shape, size, px + x0, py + y0)
+        _, shape, size, px, py = best
 
-        def feat(name: str, **where: str) -> np.ndarray:
-            return np.array([f[name] for o, f, _ in rows if all(getattr(o, a) == v for a, v in where.items())])
+        texture = "striped" if self._stripe(coef, mine, s) > self.stripe_level * self._stripe_reference(arr.shape[0]) else "plain"
 
-        solid = {sh: feat("solidity", shape=sh) for sh in SHAPES}
-        extent = {sh: feat("extent", shape=sh) for sh in SHAPES}
-        non_star_min = min((solid[sh] for sh in ("circle", "square", "triangle")), key=np.mean)
-        log_area = {(sh, sz): np.log(feat("area", shape=sh, size=sz) / s**2) for sh in SHAPES for sz in SIZES}
-        offsets = {}
-        for sh in SHAPES:
-            sel = [(o, b) for o, _, b in rows if o.shape == sh]
-            offsets[sh] = (
-                float(np.mean([(o.x - (b[0] + b[2]) / 2) / (b[2] - b[0]) for o, b in sel])),
-                float(np.mean([(o.y - (b[1] + b[3]) / 2) / (b[3] - b[1]) for o, b in sel])),
-            )
-        return Calibration(
-            star_solidity=_split(solid["star"], non_star_min),
-            square_extent=_split(extent["circle"], extent["square"]),
-            triangle_extent=_split(extent["triangle"], extent["circle"]),
-            log_area_split={sh: _split(log_area[sh, "small"], log_area[sh, "big"]) for sh in SHAPES},
-            expected_area={k: float(np.exp(v).mean()) for k, v in log_area.items()},
-            centre_offset=offsets,
-            log_stripe_split=_split(np.log(feat("stripe", texture="plain") + 1e-4), np.log(feat("stripe", texture="striped") + 1e-4)),
-        )
+        box = (xs.min() / s, ys.min() / s, (xs.max() + 1) / s, (ys.max() + 1) / s)
+        area = float((cover * near).sum()) / s**2
+        return Detection(shape, _NAMES[k], size, texture, px / s, py / s, box, mask, area)
 
 
-# ---------------------------------------------------------------------------------------------- features
+    @staticmethod
+    def _stripe(coef: np.ndarray, mask: np.ndarray, s: float) -> float:
+        """Amplitude, at the stripe frequency, of the rows' dark share over ``mask`` (pixels weighted by coverage)."""
+        weight = mask * np.clip(coef[..., 0] + coef[..., 1], 0, 1)
+        dark, cover = (coef[..., 1] * weight).sum(axis=1), ((coef[..., 0] + coef[..., 1]) * weight).sum(axis=1)
+        wave = np.exp(-2j * math.pi * np.arange(len(dark)) / (STRIPE_PERIOD * s))
+        return 2 * abs((dark * wave).sum()) / max(cover.sum(), 1e-6)
+
+    def _stripe_reference(self, size: int) -> float:
+        """:meth:`_stripe` of a clean render of a big striped square at ``size`` px (the full stripe signal)."""
+        if size not in self._references:
+            obj = Obj("square", "red", "big", "striped", 32.0, 32.0)
+            arr = to_array(render(Scene(PromptSpec(()), (obj,)), size=size, noise=0)[0])
+            k = _NAMES.index("red")
+            mask = self._segment(arr)[0] == 1
+            self._references[size] = self._stripe((arr - _BG) @ self._unmix[k].T, mask, size / 64)
+        return self._references[size]
+
+
 def _opponent(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Opponent-colour coordinates (the plane orthogonal to grey) of ``... x 3`` values."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     return (r - g) / math.sqrt(2), (r + g - 2 * b) / math.sqrt(6)
-
-
-def _shape_features(crop: np.ndarray) -> dict[str, float]:
-    """Area (pixels), extent (area / box area) and solidity (area / convex hull of the pixel squares)."""
-    area = float(crop.sum())
-    ys, xs = np.nonzero(crop)
-    corners = np.unique(np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)]), axis=0)
-    try:
-        hull = ConvexHull(corners).volume
-    except QhullError:
-        hull = area
-    return {"area": area, "extent": area / crop.size, "solidity": area / hull}
-
-
-def _stripe_score(pixels: np.ndarray, crop: np.ndarray, colour: np.ndarray, period: float) -> float:
-    """Relative amplitude of the row-mean shade (pixel projected on ``colour``) at the stripe frequency,
-    over the mask's interior (eroded by one pixel when that leaves at least two pixels a row on average)."""
-    inner = ndimage.binary_erosion(crop)
-    rows = np.nonzero(inner.any(axis=1))[0]
-    if inner.sum() < 2 * len(rows) or len(rows) < 2:
-        inner = crop
-    shade = pixels @ colour / float(colour @ colour)
-    counts = inner.sum(axis=1)
-    keep = counts > 0
-    profile = (shade * inner).sum(axis=1)[keep] / counts[keep]
-    r = np.nonzero(keep)[0]
-    if len(profile) < 2:
-        return 0.0
-    wave = np.exp(-2j * math.pi * r / period)
-    amp = 2 * abs(np.sum((profile - profile.mean()) * wave)) / len(profile)
-    return float(amp / max(profile.mean(), 1e-3))
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -339,4 +314,4 @@ class JudgeScore:
         return self.attribute[name] / max(self.objects + self.unmatched, 1)
 
 
-__all__ = ["ATTRIBUTES", "Calibration", "Detection", "JudgeScore", "ToyJudge", "degrade", "match", "to_array"]
+__all__ = ["ATTRIBUTES", "Detection", "JudgeScore", "ToyJudge", "degrade", "match", "to_array"]

@@ -236,14 +236,27 @@ def _fill(phrase: Phrase, dist: Distribution, rng: random.Random) -> tuple[str, 
     return colour, size, texture
 
 
+def _random_centres(radii: list[float], rng: random.Random, canvas: float) -> list[tuple[float, float]]:
+    return [(rng.uniform(r + 1, canvas - r - 1), rng.uniform(r + 1, canvas - r - 1)) for r in radii]
+
+
+def _grid_centres(radii: list[float], rng: random.Random, canvas: float) -> list[tuple[float, float]]:
+    """Jittered 2 x 2 grid: each object in its own cell (always fits four big objects)."""
+    cell = canvas / 2
+    cells = rng.sample([(i, j) for i in range(2) for j in range(2)], len(radii))
+    return [(i * cell + rng.uniform(r + 1.5, cell - r - 1.5), j * cell + rng.uniform(r + 1.5, cell - r - 1.5))
+            for (i, j), r in zip(cells, radii)]
+
+
 def place(spec: PromptSpec, dist: Distribution, rng: random.Random, canvas: float = 64.0, tries: int = 2000) -> Scene:
-    """Objects satisfying ``spec`` at random non-overlapping positions (the relation with a clear margin)."""
+    """Objects satisfying ``spec`` at random non-overlapping positions (the relation with a clear margin).
+
+    Uniform positions are tried first; crowded scenes (four big objects) fall back to a jittered grid."""
     attrs = [(p, *_fill(p, dist, rng)) for p in spec.phrases for _ in range(p.count)]
-    for _ in range(tries):
-        objs = []
-        for phrase, colour, size, texture in attrs:
-            r = DIAMETER[size] / 2
-            objs.append(Obj(phrase.shape, colour, size, texture, rng.uniform(r + 1, canvas - r - 1), rng.uniform(r + 1, canvas - r - 1)))
+    radii = [DIAMETER[size] / 2 for _, _, size, _ in attrs]
+    for attempt in range(tries):
+        centres = (_random_centres if attempt < tries // 4 else _grid_centres)(radii, rng, canvas)
+        objs = [Obj(p.shape, colour, size, texture, x, y) for (p, colour, size, texture), (x, y) in zip(attrs, centres)]
         if any(math.dist((a.x, a.y), (b.x, b.y)) < a.radius + b.radius + GAP for i, a in enumerate(objs) for b in objs[i + 1:]):
             continue
         if spec.relation is not None:

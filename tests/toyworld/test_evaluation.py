@@ -1,0 +1,85 @@
+"""ToyWorld evaluation: scoring, per-category summaries, the Lightning callback and the grid."""
+
+import random
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from t2i_align.callbacks.toyworld import ToyWorldEvaluation
+from t2i_align.diffusion.generator import SampleOutput
+from t2i_align.toyworld.evaluation import EvalItem, load_items, metric_keys, score_items, summarise
+from t2i_align.toyworld.judge import ToyJudge
+from t2i_align.toyworld.splits import eval_prompt_sets, write_prompts
+from t2i_align.toyworld.world import COMPOSITIONAL, Obj, parse_prompt, place, render
+
+
+class RenderingGenerator:
+    """Stands in for a diffusion model: renders each prompt exactly (or with colours swapped)."""
+
+    def __init__(self, swap_colours: bool = False) -> None:
+        self.swap_colours = swap_colours
+        self.calls = []
+
+    def sample(self, prompts, seeds, **kwargs):
+        self.calls.append((list(prompts), list(seeds), kwargs))
+        images = []
+        for prompt, seed in zip(prompts, seeds):
+            scene = place(parse_prompt(prompt), COMPOSITIONAL, random.Random(seed))
+            if self.swap_colours and len(scene.objects) > 1:
+                objs = list(scene.objects)
+                colours = [o.colour for o in objs][::-1]
+                scene = type(scene)(scene.spec, tuple(Obj(o.shape, c, o.size, o.texture, o.x, o.y) for o, c in zip(objs, colours)))
+            image, _ = render(scene)
+            images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255)
+        return SampleOutput(torch.zeros(len(prompts), 4, 8, 8), torch.stack(images), None, ())
+
+
+@pytest.fixture(scope="module")
+def prompts_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    for category, specs in eval_prompt_sets(0, 6).items():
+        write_prompts(specs, root / f"{category}.txt")
+    return root
+
+
+def test_items_have_fixed_distinct_seeds(prompts_dir):
+    items = load_items(prompts_dir, per_category=3, images_per_prompt=2)
+    assert len(items) == 7 * 3 * 2
+    assert items == load_items(prompts_dir, per_category=3, images_per_prompt=2)
+    assert len({it.seed for it in items}) == len(items)
+
+
+def test_perfect_renders_score_one_and_swapped_colours_fail(prompts_dir):
+    items = load_items(prompts_dir, categories=["color_binding", "spatial", "counting"], per_category=6)
+    keys = metric_keys(["color_binding", "spatial", "counting"])
+    judge = ToyJudge()
+    good = summarise(keys, *score_items(RenderingGenerator(), items, judge, keys, batch_size=4)[:2])
+    assert good["all_clauses"] == 1.0 and good["tifa"] == 1.0 and good["object_accuracy"] == 1.0
+    bad = summarise(keys, *score_items(RenderingGenerator(swap_colours=True), items, judge, keys, batch_size=4)[:2])
+    assert bad["color_binding/all_clauses"] < 0.5 and bad["spatial/all_clauses"] < 1.0
+    assert {"color_binding/tifa", "counting/mg2"} <= set(good)
+
+
+def test_callback_logs_toy_metrics_and_a_grid(prompts_dir, tmp_path):
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.generator = RenderingGenerator()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+    callback = ToyWorldEvaluation(str(prompts_dir), per_category=2, batch_size=5, grid_images=4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path,
+                        enable_progress_bar=False, enable_model_summary=False)
+    module = Module()
+    trainer.validate(module, dataloaders=torch.utils.data.DataLoader([0]))
+    metrics = trainer.callback_metrics
+    assert metrics["val/toy/all_clauses"] == 1.0 and metrics["val/toy/multi_object/mg4"] == 1.0
+    prompts_seen = [p for call in module.generator.calls for p in call[0]]
+    assert len(prompts_seen) == 14 and len(set(zip(prompts_seen, [s for c in module.generator.calls for s in c[1]]))) == 14
+    assert module.generator.calls[0][2] == {"num_inference_steps": 25, "guidance_scale": 5.0, "scheduler": "ddim"}
+    assert (tmp_path / "toy_samples" / "step_0.png").exists()
