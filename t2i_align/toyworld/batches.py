@@ -57,6 +57,16 @@ def eval_scenes(rng: random.Random, n: int, world_seed: int = 0) -> list[Scene]:
     return [place(specs[i % len(specs)], COMPOSITIONAL, rng) for i in range(n)]
 
 
+def heldout_scenes(source: str, seed: int, n: int) -> list[Scene]:
+    """Held-out scenes: ``mix`` (a fresh stream of the training mix) or ``eval`` (the evaluation prompts)."""
+    rng = random.Random(f"heldout-{source}-{seed}")
+    if source == "mix":
+        return sample_mix(rng, n)
+    if source == "eval":
+        return eval_scenes(rng, n)
+    raise ValueError(f"unknown source {source!r} (mix | eval)")
+
+
 def render_batch(scenes: list[Scene], size: int = 64) -> torch.Tensor:
     """Renders as a uint8 tensor ``B x 3 x size x size``."""
     arrays = np.stack([np.asarray(render(scene, size)[0]) for scene in scenes])
@@ -205,8 +215,9 @@ def train_loop(
 
     exclude = eval_texts(cfg.world_seed)
     loader = step_loader(stream, cfg.seed, start, cfg.steps, cfg.batch_size, exclude, cfg.num_workers)
+    if start > cfg.steps:
+        log.warning("%s: checkpoint is at step %d, past steps=%d; returning it unchanged", out_dir, start, cfg.steps)
     tic, losses = time.perf_counter(), []
-    step = start
     for step, (images, captions) in enumerate(loader, start=start):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
@@ -240,6 +251,6 @@ def train_loop(
 
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "LoopConfig", "StepBatches", "lr_at", "make_optimizer", "train_loop", "eval_scenes", "eval_texts", "normalize", "render_batch", "sample_mix",
+    "CLIP_MEAN", "CLIP_STD", "LoopConfig", "StepBatches", "lr_at", "make_optimizer", "train_loop", "eval_scenes", "eval_texts", "heldout_scenes", "normalize", "render_batch", "sample_mix",
     "step_batch", "step_loader", "step_rng", "to_float",
 ]

@@ -13,7 +13,7 @@ import argparse
 import json
 import logging
 import math
-import random
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,14 +26,12 @@ from t2i_align.toyworld.batches import (
     CLIP_MEAN,
     CLIP_STD,
     LoopConfig,
-    eval_scenes,
+    heldout_scenes,
     normalize,
     render_batch,
-    sample_mix,
     to_float,
     train_loop,
 )
-from t2i_align.toyworld.world import Scene
 
 STREAM = "clip"
 IMAGE_SIZE = 64
@@ -103,6 +101,8 @@ def train_clip(out_dir: str | Path, steps: int, batch_size: int = 128, lr: float
         model.save_pretrained(folder)
         CLIPProcessor(image_processor=image_processor(), tokenizer=tokenizer).save_pretrained(folder)
         image_processor().save_pretrained(folder)  # also a standalone preprocessor_config.json
+        for name in ("vocab.json", "merges.txt"):  # transformers 5 writes only tokenizer.json; keep the SD layout too
+            shutil.copy(TINY_TOKENIZER_DIR / name, folder / name)
         (folder / "toyworld_training.json").write_text(json.dumps({"model": "clip", **asdict(cfg)}, indent=2) + "\n")
 
     return train_loop(out_dir, build_clip(seed), loss_fn, save_final, STREAM, cfg, after_step=clamp_scale)
@@ -139,7 +139,7 @@ def clip_quality(model_dir: str | Path, n: int = 512, seed: int = 1234, source: 
 
     model = CLIPModel.from_pretrained(model_dir).to(device).eval()
     tokenizer = CLIPTokenizer.from_pretrained(model_dir)
-    scenes = _heldout(source, seed, n)
+    scenes = heldout_scenes(source, seed, n)
     i2t = t2i = pairs = wins = 0
     for k in range(0, n, batch):
         chunk = scenes[k:k + batch]
@@ -158,15 +158,6 @@ def clip_quality(model_dir: str | Path, n: int = 512, seed: int = 1234, source: 
             pairs += len(flat)
     return {"i2t_top1": i2t / n, "t2i_top1": t2i / n, "corruption_acc": wins / max(pairs, 1), "pairs": float(pairs),
             "n": float(n)}
-
-
-def _heldout(source: str, seed: int, n: int) -> list[Scene]:
-    rng = random.Random(f"heldout-{source}-{seed}")
-    if source == "mix":
-        return sample_mix(rng, n)
-    if source == "eval":
-        return eval_scenes(rng, n)
-    raise ValueError(f"unknown source {source!r} (mix | eval)")
 
 
 def main(argv: list[str] | None = None) -> None:

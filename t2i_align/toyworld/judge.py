@@ -2,22 +2,25 @@
 
 Geometry is in 64-px canvas units and scales with ``image size / 64``. Pipeline:
 
-1. *Segmentation.* On a lightly smoothed copy, each pixel takes the palette colour whose hue relative to
+1. *Segmentation.* On a lightly smoothed copy (``smooth_sigma``), each pixel takes the palette colour whose hue relative to
    the background (angle of ``pixel - BACKGROUND`` in the opponent-colour plane) is nearest; mixing with
    the grey background, darkening to the stripe shade and blur all keep that angle. A pixel belongs to
    colour ``c`` if it lies at least ``mask_level`` of the way from the background to ``c`` (RGB distance;
    so the mask edge sits at ~50 % coverage, like the renderer's masks) and has at least ``chroma_level``
-   of ``c``'s chroma. Per colour: 4-connected components, holes filled, components below ``min_area``
-   dropped. Same-colour objects whose corners touch (squares and triangles reach beyond their bounding
+   of ``c``'s chroma. Per colour: 4-connected components, holes filled (a hole's content belongs to the
+   enclosing object), components below ``min_area`` dropped. Same-colour objects whose corners touch (squares and triangles reach beyond their bounding
    circle) are split where an erosion by ``split_erosion`` leaves several sizeable cores.
 2. *Unmixing.* On the raw image every pixel near the object is written as
    ``BACKGROUND + a (c - BACKGROUND) + b (STRIPE_SHADE c - BACKGROUND)``: ``a + b`` is the object's coverage
    (exact under antialiasing and any blur, since both are linear) and ``b`` its dark-stripe share.
 3. *Shape and size* by template matching: the coverage map is compared (sum of squared differences) with
    the renderer's own coverage of each shape x size, drawn with the same centroid and blurred by each of
-   ``blur_grid``; the best fit wins and also gives the centre.
-4. *Texture*: amplitude, at the stripe frequency, of the rows' dark share ``sum b / sum (a + b)``;
-   striped above ``stripe_level`` (clean renders: striped ~0.5, plain ~0.01; blur sigma 1 px leaves ~0.15).
+   ``blur_grid``; the best fit wins and also gives the centre (so ``Detection.x/y`` estimate ``Obj.x/y``).
+   Objects covering less than ``min_coverage`` are dropped as noise.
+4. *Texture*: amplitude, at the stripe frequency, of the rows' dark share (``b`` over ``a + b`` per row,
+   phase-free), relative to that of a clean render of a striped square; striped above ``stripe_level``.
+   Clean: plain < 0.08, striped > 0.7; degraded (blur sigma <= 1 px, noise 0.05): plain < 0.2, striped
+   > 0.2 with rare exceptions among small objects. Blur beyond ~1.5 px erases the stripes (read as plain).
 
 :func:`match` and :class:`JudgeScore` implement the object-level accuracy used to check the judge.
 """
@@ -25,6 +28,8 @@ Geometry is in 64-px canvas units and scales with ``image size / 64``. Pipeline:
 from __future__ import annotations
 
 import math
+import random
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -35,7 +40,8 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from t2i_align.toyworld.world import (
-    BACKGROUND, COLOURS, SHAPES, SIZES, STRIPE_PERIOD, STRIPE_SHADE, Obj, PromptSpec, Scene, _draw_shape, render,
+    BACKGROUND, COLOURS, COMPOSITIONAL, NATURAL, SHAPES, SIZES, STRIPE_PERIOD, STRIPE_SHADE, Obj, PromptSpec, Scene,
+    _draw_shape, render, sample_scene,
 )
 
 _BG = np.array(BACKGROUND, dtype=np.float32) / 255
@@ -113,10 +119,13 @@ class ToyJudge:
     """Detects ToyWorld objects and their attributes (see the module docstring).
 
     Args:
-        min_area: components whose mask or coverage is smaller than this (64-px canvas pixels) are noise.
+        min_area: components whose mask is smaller than this (64-px canvas pixels) are noise.
+        min_coverage: objects whose coverage (``Detection.area``) is smaller than this are noise too (the
+            smallest object, a small star, covers 56; noise specks pass ``min_area`` at 32 px).
         mask_level: fraction of the RGB distance from background to a colour a pixel must reach to belong to it.
         chroma_level: fraction of the colour's chroma a pixel must also reach (rejects grey and dark pixels).
-        smooth_sigma: Gaussian denoising before segmentation (canvas px); attributes use the raw image.
+        smooth_sigma: Gaussian denoising before segmentation, in image pixels (the noise is per pixel);
+            attributes use the raw image.
         split_erosion: erosion depth (canvas px) that separates touching same-colour objects.
         split_min_core: an eroded core counts as an object if at least this big (canvas px).
         blur_grid: blur sigmas (canvas px) tried for the templates.
@@ -127,15 +136,17 @@ class ToyJudge:
     def __init__(
         self,
         min_area: float = 12.0,
+        min_coverage: float = 28.0,
         mask_level: float = 0.5,
         chroma_level: float = 0.2,
-        smooth_sigma: float = 0.5,
+        smooth_sigma: float = 0.7,
         split_erosion: float = 2.0,
         split_min_core: float = 6.0,
-        blur_grid: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0, 1.25),
+        blur_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0),
         stripe_level: float = 0.2,
     ) -> None:
         self.min_area = min_area
+        self.min_coverage = min_coverage
         self.mask_level = mask_level
         self.chroma_level = chroma_level
         self.smooth_sigma = smooth_sigma
@@ -152,38 +163,45 @@ class ToyJudge:
         self._references: dict[int, float] = {}
 
     def detect(self, image) -> list[Detection]:
-        """All objects in ``image`` (PIL RGB, uint8/float HxWx3 array, or float 3xHxW tensor in [0, 1])."""
+        """All objects in the square ``image`` (PIL RGB, uint8/float HxWx3 array, or float 3xHxW tensor in [0, 1])."""
         arr = to_array(image)
         owner, colours = self._segment(arr)
         found = (self._describe(arr, owner, i + 1, colour) for i, colour in enumerate(colours))
-        return [d for d in found if d.area >= self.min_area]
+        return [d for d in found if d.area >= self.min_coverage]
 
     def detect_batch(self, images: torch.Tensor) -> list[list[Detection]]:
         """:meth:`detect` for each image of a B x 3 x H x W batch in [0, 1]."""
-        return [self.detect(image) for image in images]
+        return [self.detect(image) for image in images.detach().to("cpu", torch.float32)]
 
     # ----------------------------------------------------------------------------------- segmentation
     def _segment(self, arr: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """Label map (0 = background, i = object i) and each object's palette index."""
         s = arr.shape[0] / 64
-        smooth = ndimage.gaussian_filter(arr, sigma=(self.smooth_sigma * s, self.smooth_sigma * s, 0), mode="nearest")
+        smooth = ndimage.gaussian_filter(arr, sigma=(self.smooth_sigma, self.smooth_sigma, 0), mode="nearest")
         diff = smooth - _BG
         o1, o2 = _opponent(diff)
-        gap = np.abs(np.angle(np.exp(1j * (np.arctan2(o2, o1)[..., None] - self._angles))))
-        label = gap.argmin(axis=2)
         chroma, dist = np.hypot(o1, o2), np.linalg.norm(diff, axis=2)
-        owner = np.zeros(arr.shape[:2], dtype=np.int32)
-        colours: list[int] = []
+        label = np.full(arr.shape[:2], -1)
+        cand = dist >= self.mask_level * self._dist.min()  # the hue only matters where some colour may pass
+        gap = np.abs((np.arctan2(o2[cand], o1[cand])[:, None] - self._angles + math.pi) % (2 * math.pi) - math.pi)
+        label[cand] = gap.argmin(axis=1)
+        found = []  # (pixels, colour, slice, filled mask) of every component big enough
         for k in range(len(_NAMES)):
             fg = (label == k) & (dist >= self.mask_level * self._dist[k]) & (chroma >= self.chroma_level * self._chroma[k])
             comps, _ = ndimage.label(fg)
             for i, sl in enumerate(ndimage.find_objects(comps), start=1):
                 crop = ndimage.binary_fill_holes(comps[sl] == i)
-                if crop.sum() < self.min_area * s**2:
-                    continue
-                for part in self._split(crop, s):
-                    colours.append(k)
-                    owner[sl][part] = len(colours)
+                if crop.sum() >= self.min_area * s**2:
+                    found.append((int(crop.sum()), k, sl, crop))
+        owner = np.zeros(arr.shape[:2], dtype=np.int32)
+        colours: list[int] = []
+        for _, k, sl, crop in sorted(found, key=lambda f: -f[0]):  # biggest first: a hole's content is its
+            crop = crop & (owner[sl] == 0)  # enclosing object's
+            if crop.sum() < self.min_area * s**2:
+                continue
+            for part in self._split(crop, s):
+                colours.append(k)
+                owner[sl][part] = len(colours)
         return owner, colours
 
     def _split(self, crop: np.ndarray, s: float) -> list[np.ndarray]:
@@ -214,29 +232,26 @@ class ToyJudge:
         near = ndimage.binary_dilation(mine, iterations=max(1, math.ceil(2 * s))) & usable
         coef = (arr[win] - _BG) @ self._unmix[k].T  # a, b per pixel
         cover = coef[..., 0] + coef[..., 1]
-        weight = np.where(near, np.clip(cover, 0, None), 0)
+        weight = np.where(near, np.clip(cover, 0, None), 0) + 1e-6 * mine  # (never all zero)
         yy, xx = np.mgrid[y0:y1, x0:x1] + 0.5
         cx, cy = (weight * xx).sum() / weight.sum(), (weight * yy).sum() / weight.sum()
 
-        best = (math.inf, "", "", 0.0, 0.0)
-        for shape in SHAPES:
-            for size in SIZES:
-                ox, oy = _centroid_offset(shape, size, s)
-                px, py = cx - ox - x0, cy - oy - y0
-                tmpl = _coverage(shape, size, px, py, s, y1 - y0, x1 - x0)
-                for sigma in self.blur_grid:
-                    t = ndimage.gaussian_filter(tmpl, sigma * s, mode="constant") if sigma > 0 else tmpl
-                    err = float((((cover - t) * usable) ** 2).sum())
-                    if err < best[0]:
-                        best = (err, shape, size, px + x0, py + y0)
-        _, shape, size, px, py = best
+        classes = [(shape, size) for shape in SHAPES for size in SIZES]
+        centres = [(cx - x0 - ox, cy - y0 - oy) for ox, oy in (_centroid_offset(*c, s) for c in classes)]
+        tmpl = np.stack([_coverage(*c, px, py, s, y1 - y0, x1 - x0) for c, (px, py) in zip(classes, centres)])
+        errors = np.stack([  # blur x class
+            (((cover - (ndimage.gaussian_filter(tmpl, (0, sigma * s, sigma * s), mode="constant") if sigma > 0 else tmpl))
+              * usable) ** 2).sum(axis=(1, 2))
+            for sigma in self.blur_grid
+        ])
+        best = int(errors.min(axis=0).argmin())
+        (shape, size), (px, py) = classes[best], (centres[best][0] + x0, centres[best][1] + y0)
 
         texture = "striped" if self._stripe(coef, mine, s) > self.stripe_level * self._stripe_reference(arr.shape[0]) else "plain"
 
-        box = (xs.min() / s, ys.min() / s, (xs.max() + 1) / s, (ys.max() + 1) / s)
+        box = (float(xs.min() / s), float(ys.min() / s), float((xs.max() + 1) / s), float((ys.max() + 1) / s))
         area = float((cover * near).sum()) / s**2
-        return Detection(shape, _NAMES[k], size, texture, px / s, py / s, box, mask, area)
-
+        return Detection(shape, _NAMES[k], size, texture, float(px / s), float(py / s), box, mask, area)
 
     @staticmethod
     def _stripe(coef: np.ndarray, mask: np.ndarray, s: float) -> float:
@@ -288,6 +303,7 @@ class JudgeScore:
     exact: int = 0
     images: int = 0
     count_ok: int = 0
+    seconds: float = 0.0  # time spent judging (filled by :func:`score_renders`)
     attribute: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ATTRIBUTES, 0))
 
     def update(self, detections: list[Detection], objects: tuple[Obj, ...] | list[Obj]) -> None:
@@ -314,4 +330,26 @@ class JudgeScore:
         return self.attribute[name] / max(self.objects + self.unmatched, 1)
 
 
-__all__ = ["ATTRIBUTES", "Detection", "JudgeScore", "ToyJudge", "degrade", "match", "to_array"]
+def held_out_scenes(count: int, seed: int) -> list[Scene]:
+    """``count`` scenes, alternately NATURAL and COMPOSITIONAL, scene i from ``random.Random(seed + i)``."""
+    return [sample_scene(COMPOSITIONAL if i % 2 else NATURAL, random.Random(seed + i)) for i in range(count)]
+
+
+def score_renders(judge: ToyJudge, scenes: list[Scene], size: int = 64, degraded: bool = False) -> JudgeScore:
+    """Renders ``scenes`` at ``size`` px (optionally :func:`degrade`-d, seeded by the scene's noise seed) and
+    scores ``judge`` on them."""
+    score = JudgeScore()
+    for scene in scenes:
+        image = render(scene, size=size)[0]
+        if degraded:
+            image = degrade(image, np.random.default_rng(scene.noise_seed + 1))
+        start = time.perf_counter()
+        detections = judge.detect(image)
+        score.seconds += time.perf_counter() - start
+        score.update(detections, scene.objects)
+    return score
+
+
+__all__ = [
+    "ATTRIBUTES", "Detection", "JudgeScore", "ToyJudge", "degrade", "held_out_scenes", "match", "score_renders", "to_array",
+]

@@ -37,7 +37,10 @@ STRIPE_SHADE = 0.55  # stripes are the object's colour darkened to 55 %: same hu
 
 # Geometry at 64 px; other image sizes scale it.
 DIAMETER = {"small": 13.0, "big": 21.0}
-GAP = 3.0  # minimum free pixels between the bounding circles of two objects
+GAP = 3.0  # minimum free pixels between the enclosing circles (radius ``Obj.extent``) of two objects
+# Furthest vertex / radius of each drawn shape: square corner 0.86 * sqrt(2), triangle base corner
+# sqrt(0.97^2 + 0.8^2) (see ``_polygon``).
+EXTENT = {"circle": 1.0, "square": 0.86 * math.sqrt(2), "triangle": math.hypot(0.97, 0.8), "star": 1.0}
 STRIPE_PERIOD = 4.0  # pixels: 2 px colour, 2 px dark
 
 
@@ -55,6 +58,12 @@ class Obj:
     @property
     def radius(self) -> float:
         return DIAMETER[self.size] / 2
+
+    @property
+    def extent(self) -> float:
+        """Distance from the centre to the furthest point of the drawn shape (square and triangle corners
+        reach beyond the bounding circle of ``radius``; see ``_polygon``)."""
+        return self.radius * EXTENT[self.shape]
 
 
 @dataclass(frozen=True)
@@ -253,11 +262,11 @@ def place(spec: PromptSpec, dist: Distribution, rng: random.Random, canvas: floa
 
     Uniform positions are tried first; crowded scenes (four big objects) fall back to a jittered grid."""
     attrs = [(p, *_fill(p, dist, rng)) for p in spec.phrases for _ in range(p.count)]
-    radii = [DIAMETER[size] / 2 for _, _, size, _ in attrs]
+    radii = [DIAMETER[size] / 2 * EXTENT[p.shape] for p, _, size, _ in attrs]
     for attempt in range(tries):
-        centres = (_random_centres if attempt < tries // 4 else _grid_centres)(radii, rng, canvas)
+        centres = (_random_centres if attempt < 200 else _grid_centres)(radii, rng, canvas)
         objs = [Obj(p.shape, colour, size, texture, x, y) for (p, colour, size, texture), (x, y) in zip(attrs, centres)]
-        if any(math.dist((a.x, a.y), (b.x, b.y)) < a.radius + b.radius + GAP for i, a in enumerate(objs) for b in objs[i + 1:]):
+        if any(math.dist((a.x, a.y), (b.x, b.y)) < a.extent + b.extent + GAP for i, a in enumerate(objs) for b in objs[i + 1:]):
             continue
         if spec.relation is not None:
             a, b = objs[0], objs[spec.phrases[0].count]
