@@ -192,7 +192,8 @@ def train_loop(
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         for key in _RESUME_KEYS:
             if ckpt["config"][key] != getattr(cfg, key):
-                raise ValueError(f"{ckpt_path}: cannot resume with {key}={getattr(cfg, key)} (was {ckpt['config'][key]})")
+                was = ckpt["config"][key]
+                raise ValueError(f"{ckpt_path}: cannot resume with {key}={getattr(cfg, key)} (was {was})")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -251,6 +252,7 @@ def train_loop(
 
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "LoopConfig", "StepBatches", "lr_at", "make_optimizer", "train_loop", "eval_scenes", "eval_texts", "heldout_scenes", "normalize", "render_batch", "sample_mix",
-    "step_batch", "step_loader", "step_rng", "to_float",
+    "CLIP_MEAN", "CLIP_STD", "LoopConfig", "StepBatches", "eval_scenes", "eval_texts", "heldout_scenes", "lr_at",
+    "make_optimizer", "normalize", "render_batch", "sample_mix", "step_batch", "step_loader", "step_rng", "to_float",
+    "train_loop",
 ]

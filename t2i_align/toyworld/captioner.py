@@ -59,7 +59,8 @@ SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 DEC = "[DEC]"  # BLIP's decoder start token (the real checkpoints append it after BERT's vocabulary)
 EXTRA_WORDS = ("an", "the", "photo", "picture", "image", "of", "with", "there", "is", "are", "in", "on", "next",
                "shape", "shapes", "object", "objects", "background", ".")
-OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+            "below": "above"}
 
 
 # ------------------------------------------------------------------------------------------- vocabulary
@@ -261,7 +262,9 @@ def typed_corruptions(spec: PromptSpec) -> list[tuple[str, PromptSpec]]:
 
 
 def corruptions(spec: PromptSpec) -> list[PromptSpec]:
-    """Corrupted versions of ``spec`` (attribute swaps, reversed relation, counts +-1); see :func:`typed_corruptions`."""
+    """Corrupted versions of ``spec`` (attribute swaps, reversed relation, counts +-1).
+
+    See :func:`typed_corruptions`."""
     return [c for _, c in typed_corruptions(spec)]
 
 

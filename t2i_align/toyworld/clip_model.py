@@ -109,7 +109,8 @@ def train_clip(out_dir: str | Path, steps: int, batch_size: int = 128, lr: float
 
 
 @torch.no_grad()
-def embed(model: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def embed(model: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor,
+          captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm (image, text) embeddings of float images in [0, 1] and captions."""
     device = next(model.parameters()).device
     out = model(pixel_values=normalize(images.to(device)), **tokenize(tokenizer, captions, device))

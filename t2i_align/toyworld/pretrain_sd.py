@@ -221,3 +221,23 @@ def assemble_pipeline(out_dir: str | Path, vae_dir: str | Path, text_dir: str | 
         pipe.save_pretrained(tmp)
         (tmp / "toyworld.json").write_text(json.dumps({"image_size": IMAGE_SIZE}) + "\n")
     return Path(out_dir)
+
+
+@torch.no_grad()
+def vae_quality(vae: AutoencoderKL, count: int = 200, seed: int = 9_100_000) -> dict[str, float]:
+    """Judge accuracy on VAE reconstructions of held-out renders (what the UNet can at best generate)."""
+    from t2i_align.toyworld.judge import JudgeScore, ToyJudge, held_out_scenes
+
+    judge, score = ToyJudge(), JudgeScore()
+    scenes = held_out_scenes(count, seed)
+    errors = []
+    for start in range(0, count, 32):
+        chunk = scenes[start:start + 32]
+        x = torch.stack([torch.from_numpy(np.asarray(render(s, IMAGE_SIZE)[0]).copy()).permute(2, 0, 1).float() / 255 for s in chunk])
+        rec = (vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+        errors.append((rec - x).abs().mean().item())
+        for image, scene in zip(rec, chunk):
+            score.update(judge.detect(image), scene.objects)
+    out = {"object_accuracy": score.accuracy, "l1": float(np.mean(errors))}
+    out.update({f"{name}_accuracy": score.attribute_accuracy(name) for name in ("shape", "colour", "size", "texture")})
+    return out

@@ -1,6 +1,7 @@
 """The exact ToyWorld judge: accuracy bars on held-out renders, exact recovery on hand-made scenes, inputs."""
 
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -9,10 +10,12 @@ from PIL import Image
 
 from t2i_align.toyworld.judge import (
     ATTRIBUTES,
+    GARBAGE,
     Detection,
     JudgeScore,
     ToyJudge,
     degrade,
+    garbage,
     held_out_scenes,
     match,
     score_renders,
@@ -119,6 +122,50 @@ def test_blank_images_have_no_detections(judge):
     assert judge.detect(render(blank)[0]) == []
     assert judge.detect(degrade(render(blank)[0], np.random.default_rng(0))) == []
     assert judge.detect(render(blank, size=32)[0]) == []
+
+
+# --------------------------------------------------------------------------------- garbage images
+# The judge scores generated images: noise, smears and colour blobs from an untrained generator are no objects.
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("kind", GARBAGE)
+def test_garbage_images_have_almost_no_detections(judge, kind, size):
+    rng = np.random.default_rng(size)
+    found = [d for _ in range(50) for d in judge.detect(garbage(kind, rng, size))]
+    assert len(found) <= 2, found
+
+
+def test_a_smear_is_rejected_though_a_less_blurred_render_is_judged(judge):
+    sc = scene(Obj("circle", "red", "small", "plain", 20, 20), Obj("square", "blue", "big", "plain", 42, 40))
+    image = render(sc)[0]
+    assert len(judge.detect(degrade(image, np.random.default_rng(0), blur=(2.0, 2.0)))) == 2
+    assert judge.detect(degrade(image, np.random.default_rng(0), blur=(4.0, 4.0), noise=0)) == []
+
+
+def test_noise_images_are_judged_quickly(judge):
+    rng = np.random.default_rng(0)
+    for kind in ("uniform", "blobs"):  # the slowest kinds: many candidate regions
+        images = [garbage(kind, rng, 64) for _ in range(20)]
+        judge.detect(images[0])  # warm the caches
+        start = time.perf_counter()
+        for image in images:
+            judge.detect(image)
+        assert (time.perf_counter() - start) / len(images) < 0.2  # ~15 ms unloaded
+
+
+def test_candidates_are_capped_and_scored(judge):
+    noise = garbage("uniform", np.random.default_rng(1), 64)
+    assert len(judge.candidates(noise)) == judge.max_candidates  # hundreds of specks, only the largest judged
+    sc = held_out_scenes(4, SEED + 6000)[3]
+    image = render(sc)[0]
+    found = judge.candidates(image)
+    assert [d for d, _ in found] == judge.detect(image) and len(found) == len(sc.objects)
+    for det, scores in found:
+        assert tuple(scores) == ToyJudge.SCORES
+        assert det.fit == scores["fit"] >= judge.min_fit and det.purity == scores["purity"] >= judge.min_purity
+        assert all(type(v) is float for v in scores.values())
+        assert scores["sharpness"] > 1 and scores["background"] < judge.max_background
+    strict = ToyJudge(max_background=-1.0)  # nothing stands on background: everything is dropped
+    assert strict.detect(image) == [] and len(strict.candidates(image)) == len(sc.objects)
 
 
 # ------------------------------------------------------------------------------------------- inputs
