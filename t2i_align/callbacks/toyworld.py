@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import lightning as L
-import torch
 
 from t2i_align.toyworld.evaluation import image_grid, load_items, metric_keys, score_items, summarise
 from t2i_align.toyworld.judge import ToyJudge

@@ -40,11 +40,13 @@ def eval_texts(world_seed: int = 0, per_category: int = EVAL_PER_CATEGORY) -> fr
     return frozenset(s.text() for specs in eval_prompt_sets(world_seed, per_category).values() for s in specs)
 
 
-def sample_mix(rng: random.Random, n: int, exclude: frozenset[str] | set[str] = frozenset()) -> list[Scene]:
-    """``n`` scenes from a 50/50 mix of NATURAL and COMPOSITIONAL, skipping captions in ``exclude``."""
+def sample_mix(rng: random.Random, n: int, exclude: frozenset[str] | set[str] = frozenset(),
+               natural_share: float = 0.5) -> list[Scene]:
+    """``n`` scenes, NATURAL with probability ``natural_share`` else COMPOSITIONAL (default 50/50), skipping
+    captions in ``exclude``."""
     scenes: list[Scene] = []
     while len(scenes) < n:
-        scene = sample_scene(NATURAL if rng.random() < 0.5 else COMPOSITIONAL, rng)
+        scene = sample_scene(NATURAL if rng.random() < natural_share else COMPOSITIONAL, rng)
         if scene.caption not in exclude:
             scenes.append(scene)
     return scenes
@@ -90,9 +92,9 @@ def step_rng(stream: str, seed: int, step: int) -> random.Random:
 
 
 def step_batch(stream: str, seed: int, step: int, batch_size: int, exclude: frozenset[str],
-               size: int = 64) -> tuple[torch.Tensor, list[str]]:
+               size: int = 64, natural_share: float = 0.5) -> tuple[torch.Tensor, list[str]]:
     """The training batch of ``step``: (uint8 images ``B x 3 x H x W``, captions)."""
-    scenes = sample_mix(step_rng(stream, seed, step), batch_size, exclude)
+    scenes = sample_mix(step_rng(stream, seed, step), batch_size, exclude, natural_share)
     return render_batch(scenes, size), [s.caption for s in scenes]
 
 
@@ -100,21 +102,21 @@ class StepBatches(IterableDataset):
     """Batches of steps ``start .. stop-1`` in order; workers take every ``num_workers``-th step."""
 
     def __init__(self, stream: str, seed: int, start: int, stop: int, batch_size: int, exclude: frozenset[str],
-                 size: int = 64) -> None:
+                 size: int = 64, natural_share: float = 0.5) -> None:
         self.stream, self.seed, self.start, self.stop = stream, seed, start, stop
-        self.batch_size, self.exclude, self.size = batch_size, exclude, size
+        self.batch_size, self.exclude, self.size, self.natural_share = batch_size, exclude, size, natural_share
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for step in range(self.start + worker, self.stop, workers):
-            yield step_batch(self.stream, self.seed, step, self.batch_size, self.exclude, self.size)
+            yield step_batch(self.stream, self.seed, step, self.batch_size, self.exclude, self.size, self.natural_share)
 
 
 def step_loader(stream: str, seed: int, start: int, stop: int, batch_size: int, exclude: frozenset[str],
-                num_workers: int = 0, size: int = 64) -> DataLoader:
+                num_workers: int = 0, size: int = 64, natural_share: float = 0.5) -> DataLoader:
     """A loader yielding the batches of steps ``start .. stop-1`` in step order (round-robin over workers)."""
-    dataset = StepBatches(stream, seed, start, stop, batch_size, exclude, size)
+    dataset = StepBatches(stream, seed, start, stop, batch_size, exclude, size, natural_share)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
                       persistent_workers=False)
 
@@ -138,6 +140,7 @@ class LoopConfig:
     num_workers: int = 0
     world_seed: int = 0
     device: str = "cpu"
+    natural_share: float = 0.5  # fraction of NATURAL scenes in the batches (1.0: the base model's data)
 
 
 def lr_at(cfg: LoopConfig, step: int) -> float:
@@ -162,7 +165,7 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.AdamW
 
 
 # Settings that must not change when a run resumes (they change the batches or the model).
-_RESUME_KEYS = ("batch_size", "seed", "world_seed")
+_RESUME_KEYS = ("batch_size", "seed", "world_seed", "natural_share")
 
 
 def train_loop(
@@ -189,16 +192,13 @@ def train_loop(
     optimizer = make_optimizer(model, cfg)
     start = 0
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         for key in _RESUME_KEYS:
             if ckpt["config"][key] != getattr(cfg, key):
                 was = ckpt["config"][key]
                 raise ValueError(f"{ckpt_path}: cannot resume with {key}={getattr(cfg, key)} (was {was})")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         start = ckpt["step"]
         log.info("resuming %s from step %d", out_dir, start)
 
@@ -215,11 +215,17 @@ def train_loop(
             torch.save(state, tmp)
 
     exclude = eval_texts(cfg.world_seed)
-    loader = step_loader(stream, cfg.seed, start, cfg.steps, cfg.batch_size, exclude, cfg.num_workers)
+    loader = step_loader(stream, cfg.seed, start, cfg.steps, cfg.batch_size, exclude, cfg.num_workers,
+                         natural_share=cfg.natural_share)
     if start > cfg.steps:
         log.warning("%s: checkpoint is at step %d, past steps=%d; returning it unchanged", out_dir, start, cfg.steps)
     tic, losses = time.perf_counter(), []
-    for step, (images, captions) in enumerate(loader, start=start):
+    batches = iter(loader)  # creating the iterator draws from torch's RNG: do it before restoring the state
+    if start:
+        torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    for step, (images, captions) in enumerate(batches, start=start):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         loss = loss_fn(model, images.to(device, non_blocking=True), captions)

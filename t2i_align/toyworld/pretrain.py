@@ -26,9 +26,9 @@ def run(work: Path, out: Path, stages: list[str], steps: dict[str, int], seed: i
 
     work.mkdir(parents=True, exist_ok=True)
     done = {
-        "vae": work / "vae" / "vae",
+        "vae": work / "vae" / "model",
         "clip": work / "clip" / "model",
-        "unet": work / "unet" / "unet",
+        "unet": work / "unet" / "model",
         "captioner": work / "captioner" / "model",
     }
     for stage in stages:

@@ -1,8 +1,8 @@
 """Pretraining of ToyWorld's Stable Diffusion parts (VAE, UNet) and assembly of the pipeline folder.
 
-Each stage trains on scenes rendered on the fly, with every step's scenes drawn from an rng seeded by
-(seed, step): a stage stopped anywhere resumes from its last checkpoint and ends with the same weights
-as an uninterrupted run. The UNet learns from the NATURAL distribution only (like SD from web captions);
+Each stage trains with :func:`t2i_align.toyworld.batches.train_loop` on scenes rendered on the fly (a
+function of (stream, seed, step)): a stage stopped anywhere resumes from its last checkpoint and ends
+with the same weights as an uninterrupted run. The UNet learns from the NATURAL distribution only (like SD from web captions);
 the VAE sees both distributions (an image codec has no reason to be biased). Evaluation prompt texts
 are never trained on.
 """
@@ -10,62 +10,20 @@ are never trained on.
 from __future__ import annotations
 
 import json
-import random
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from t2i_align.io import atomic_path
-from t2i_align.toyworld.splits import eval_prompt_sets
-from t2i_align.toyworld.world import COMPOSITIONAL, NATURAL, Distribution, render, sample_scene
+from t2i_align.toyworld.batches import LoopConfig, heldout_scenes, render_batch, to_float, train_loop
+from t2i_align.toyworld.world import render
 
 IMAGE_SIZE = 64
 CFG_DROP = 0.1  # captions replaced by "" this often, so classifier-free guidance works (SD: 10 %)
-
-
-def _eval_texts(seed: int) -> set[str]:
-    return {s.text() for specs in eval_prompt_sets(seed, 100).values() for s in specs}
-
-
-def scene_batch(seed: int, step: int, batch_size: int, dists: tuple[Distribution, ...], exclude: set[str]):
-    """Images (B x 3 x 64 x 64 in [0, 1]) and captions of step ``step`` (a function of (seed, step) only)."""
-    rng = random.Random(f"{seed}-{step}")
-    images, captions = [], []
-    while len(images) < batch_size:
-        scene = sample_scene(dists[len(images) % len(dists)], rng)
-        if scene.caption in exclude:
-            continue
-        image, _ = render(scene, IMAGE_SIZE)
-        images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255)
-        captions.append(scene.caption)
-    return torch.stack(images), captions
-
-
-class StageState:
-    """Atomic checkpoint of a training stage (``state.pt``) and its resume."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / "state.pt"
-
-    def load(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> int:
-        if not self.path.exists():
-            return 0
-        state = torch.load(self.path, weights_only=True)
-        for name, module in modules.items():
-            module.load_state_dict(state[name])
-        optimizer.load_state_dict(state["optimizer"])
-        return int(state["step"])
-
-    def save(self, step: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> None:
-        state = {name: m.state_dict() for name, m in modules.items()}
-        state.update(optimizer=optimizer.state_dict(), step=step)
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
 
 
 # ------------------------------------------------------------------------------------------------------ VAE
@@ -86,39 +44,32 @@ def build_vae(seed: int = 0) -> AutoencoderKL:
     )
 
 
+@torch.no_grad()
+def latent_scale(vae: AutoencoderKL, seed: int = 0) -> float:
+    """1 / std of the latents of held-out renders (SD's recipe for ``scaling_factor``)."""
+    images = to_float(render_batch(heldout_scenes("mix", seed, 256), IMAGE_SIZE)).to(vae.device)
+    return 1.0 / vae.encode(images * 2 - 1).latent_dist.mean.std().item()
+
+
 def train_vae(out_dir: str | Path, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6,
-              seed: int = 0, device: str = "cpu", checkpoint_every: int = 250, log_every: int = 50) -> Path:
-    """L1 reconstruction + a small KL term (as SD's VAE, without its GAN and LPIPS terms: the images are
-    flat colours). Saves ``out_dir/vae`` with the latent scaling factor measured as 1 / std (SD's recipe)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vae = build_vae(seed).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    state = StageState(out_dir)
-    start = state.load({"vae": vae}, opt)
-    exclude = _eval_texts(seed)
-    t0 = time.time()
-    for step in range(start, steps):
-        images, _ = scene_batch(seed, step, batch_size, (NATURAL, COMPOSITIONAL), exclude)
-        x = images.to(device) * 2 - 1
+              seed: int = 0, device: str = "cpu", num_workers: int = 0, checkpoint_every: int = 250,
+              log_every: int = 50) -> Path:
+    """L1 reconstruction + a small KL term (SD's VAE objective without its GAN and LPIPS terms: the images
+    are flat colours) on natural + compositional renders. Returns ``out_dir/model``."""
+
+    def loss_fn(vae, images, captions):
+        x = to_float(images) * 2 - 1
         posterior = vae.encode(x).latent_dist
-        z = posterior.sample(generator=torch.Generator(device).manual_seed(seed * 1_000_003 + step))
-        rec = vae.decode(z).sample
-        loss = F.l1_loss(rec, x) + kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % log_every == 0:
-            print(f"vae step {step + 1}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1 - start):.2f} s/step)", flush=True)
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            state.save(step + 1, {"vae": vae}, opt)
-    with torch.no_grad():
-        images, _ = scene_batch(seed, -1, 256, (NATURAL, COMPOSITIONAL), exclude)
-        std = vae.encode(images.to(device) * 2 - 1).latent_dist.mean.std().item()
-    vae.register_to_config(scaling_factor=1.0 / std)
-    with atomic_path(out_dir / "vae", is_dir=True) as tmp:
-        vae.to("cpu").save_pretrained(tmp)
-    return out_dir / "vae"
+        return F.l1_loss(vae.decode(posterior.sample()).sample, x) + kl_weight * posterior.kl().mean()
+
+    def save_final(vae, path):
+        vae.eval()
+        vae.register_to_config(scaling_factor=latent_scale(vae, seed))
+        vae.to("cpu").save_pretrained(path)
+
+    cfg = LoopConfig(steps, batch_size, lr, seed, warmup=100, weight_decay=0.0, grad_clip=0.0, device=device,
+                     num_workers=num_workers, checkpoint_every=checkpoint_every, log_every=log_every)
+    return train_loop(out_dir, build_vae(seed), loss_fn, save_final, "vae", cfg)
 
 
 # ----------------------------------------------------------------------------------------------------- UNet
@@ -145,60 +96,59 @@ def sd_scheduler_config() -> dict:
                 steps_offset=1, prediction_type="epsilon")
 
 
-def train_unet(out_dir: str | Path, vae_dir: str | Path, clip_dir: str | Path, steps: int = 15000, batch_size: int = 64,
-               lr: float = 3e-4, ema_decay: float = 0.999, seed: int = 0, device: str = "cpu",
+class UNetWithEMA(torch.nn.Module):
+    """The trained UNet and its exponential moving average (checkpointed together; the EMA is exported)."""
+
+    def __init__(self, unet: UNet2DConditionModel, ema: UNet2DConditionModel) -> None:
+        super().__init__()
+        self.unet, self.ema = unet, ema.requires_grad_(False)
+        self.ema.load_state_dict(unet.state_dict())
+
+
+def train_unet(out_dir: str | Path, vae_dir: str | Path, text_dir: str | Path, steps: int = 15000, batch_size: int = 64,
+               lr: float = 3e-4, ema_decay: float = 0.999, seed: int = 0, device: str = "cpu", num_workers: int = 0,
                checkpoint_every: int = 250, log_every: int = 50) -> Path:
-    """Noise-prediction training on NATURAL scenes with the frozen VAE and CLIP text tower; EMA weights saved."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Noise-prediction training on NATURAL scenes only (the biased "web" distribution) with the frozen VAE
+    and CLIP text tower; 10 % empty captions for CFG. Returns ``out_dir/model`` (the EMA weights)."""
     vae = AutoencoderKL.from_pretrained(vae_dir).to(device).requires_grad_(False).eval()
-    text_encoder = CLIPTextModel.from_pretrained(clip_dir).to(device).requires_grad_(False).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
-    unet = build_unet(text_encoder.config.hidden_size, seed).to(device)
-    ema = build_unet(text_encoder.config.hidden_size, seed).to(device).requires_grad_(False)
-    ema.load_state_dict(unet.state_dict())
+    text_encoder = CLIPTextModel.from_pretrained(text_dir).to(device).requires_grad_(False).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(text_dir)
     scheduler = DDPMScheduler(**sd_scheduler_config())
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
-    state = StageState(out_dir)
-    start = state.load({"unet": unet, "ema": ema}, opt)
-    exclude = _eval_texts(seed)
-    t0 = time.time()
-    for step in range(start, steps):
-        images, captions = scene_batch(seed, step, batch_size, (NATURAL,), exclude)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        captions = ["" if torch.rand((), generator=g) < CFG_DROP else c for c in captions]
+    dim = text_encoder.config.hidden_size
+
+    def loss_fn(model, images, captions):
+        # all randomness from torch's global generator, which train_loop checkpoints: exact resume
+        drop = torch.rand(len(captions)) < CFG_DROP
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
-            dist = vae.encode(images.to(device) * 2 - 1).latent_dist
-            latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(device)) * vae.config.scaling_factor
+            latents = vae.encode(to_float(images) * 2 - 1).latent_dist.sample() * vae.config.scaling_factor
             ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
+                            return_tensors="pt").input_ids.to(latents.device)
             context = text_encoder(ids)[0]
-        noise = torch.randn(latents.shape, generator=g).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g).to(device)
-        pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.lerp_(p, 1 - ema_decay)
-        if (step + 1) % log_every == 0:
-            print(f"unet step {step + 1}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1 - start):.2f} s/step)", flush=True)
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            state.save(step + 1, {"unet": unet, "ema": ema}, opt)
-    with atomic_path(out_dir / "unet", is_dir=True) as tmp:
-        ema.to("cpu").save_pretrained(tmp)
-    return out_dir / "unet"
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(captions),), device=latents.device)
+        pred = model.unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
+        return F.mse_loss(pred, noise)
+
+    @torch.no_grad()
+    def update_ema(model):
+        for e, p in zip(model.ema.parameters(), model.unet.parameters()):
+            e.lerp_(p, 1 - ema_decay)
+
+    def save_final(model, path):
+        model.ema.to("cpu").save_pretrained(path)
+
+    cfg = LoopConfig(steps, batch_size, lr, seed, warmup=200, weight_decay=1e-2, device=device, num_workers=num_workers,
+                     checkpoint_every=checkpoint_every, log_every=log_every, natural_share=1.0)
+    model = UNetWithEMA(build_unet(dim, seed), build_unet(dim, seed))
+    return train_loop(out_dir, model, loss_fn, save_final, "unet", cfg, after_step=update_ema)
 
 
 # ------------------------------------------------------------------------------------------------- pipeline
 def export_text_encoder(clip_dir: str | Path, out_dir: str | Path) -> Path:
-    """The CLIP model's text tower as a standalone ``CLIPTextModel`` folder (+ tokenizer)."""
-    clip = CLIPModel.from_pretrained(clip_dir)
-    text = CLIPTextModel(clip.config.text_config)
-    text.text_model.load_state_dict(clip.text_model.state_dict())
+    """The CLIP model's text tower as a standalone ``CLIPTextModel`` folder (+ tokenizer): transformers maps
+    the text weights of a ``CLIPModel`` checkpoint into ``CLIPTextModel`` and ignores the vision tower."""
+    text = CLIPTextModel.from_pretrained(clip_dir)
     with atomic_path(out_dir, is_dir=True) as tmp:
         text.save_pretrained(tmp)
         CLIPTokenizer.from_pretrained(clip_dir).save_pretrained(tmp)

@@ -82,7 +82,8 @@ class Phrase:
         head = ("a" if article else "one") if self.count == 1 else COUNT_WORDS[self.count]
         return " ".join([head, *words, noun])
 
-    def matches(self, obj: Obj | "Detection") -> bool:  # noqa: F821 - Detection is duck-typed
+    def matches(self, obj) -> bool:
+        """Does ``obj`` (an :class:`Obj` or a judge detection: anything with these four fields) fit?"""
         return (
             obj.shape == self.shape
             and self.colour in (None, obj.colour)

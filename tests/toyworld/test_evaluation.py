@@ -9,7 +9,7 @@ import torch
 
 from t2i_align.callbacks.toyworld import ToyWorldEvaluation
 from t2i_align.diffusion.generator import SampleOutput
-from t2i_align.toyworld.evaluation import EvalItem, load_items, metric_keys, score_items, summarise
+from t2i_align.toyworld.evaluation import load_items, metric_keys, score_items, summarise
 from t2i_align.toyworld.judge import ToyJudge
 from t2i_align.toyworld.splits import eval_prompt_sets, write_prompts
 from t2i_align.toyworld.world import COMPOSITIONAL, Obj, parse_prompt, place, render

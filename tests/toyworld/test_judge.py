@@ -141,6 +141,16 @@ def test_a_smear_is_rejected_though_a_less_blurred_render_is_judged(judge):
     assert judge.detect(degrade(image, np.random.default_rng(0), blur=(4.0, 4.0), noise=0)) == []
 
 
+def test_noisy_but_clear_objects_are_kept(judge):
+    # The plausibility tests discount the pixel noise: twice the degraded renders' noise loses no object.
+    score = JudgeScore()
+    for sc in held_out_scenes(40, SEED + 7000):
+        score.update(judge.detect(degrade(render(sc)[0], np.random.default_rng(sc.noise_seed), noise=0.12)), sc.objects)
+    assert score.count_accuracy == 1
+    for attribute in ("shape", "colour", "size"):
+        assert score.attribute_accuracy(attribute) >= 0.98, vars(score)
+
+
 def test_noise_images_are_judged_quickly(judge):
     rng = np.random.default_rng(0)
     for kind in ("uniform", "blobs"):  # the slowest kinds: many candidate regions
