@@ -1,58 +1,62 @@
 """Reproduce every pretrained ToyWorld model from a seed:
 ``python -m t2i_align.toyworld.pretrain WORK_DIR --out models/toyworld [--device cuda] [--stages ...]``.
 
-Stages (each resumes from ``WORK_DIR/<stage>/state.pt`` when interrupted; finished stages are skipped):
+Stages (each resumes from ``WORK_DIR/<stage>/checkpoint.pt`` when interrupted; a finished stage returns at once):
 
-1. ``vae``       KL autoencoder, 64 px -> 8 x 8 x 4 latents, on natural + compositional renders;
-2. ``clip``      CLIP-format model (CLIP score / reward / FID features; its text tower is SD's text encoder);
-3. ``unet``      SD UNet on natural scenes only (the biased "web" distribution), frozen VAE + CLIP text;
-4. ``captioner`` BLIP-format captioning model on natural + compositional renders (the I2T teacher);
-5. ``assemble``  writes ``OUT/pipeline`` (diffusers SD folder), ``OUT/clip``, ``OUT/captioner``.
+1. ``vae``       KL autoencoder, 64 px -> 8 x 8 x 8 latents, on natural + compositional renders;
+2. ``text``      the CLIP run up to ``--text-steps``; its text tower becomes SD's text encoder
+                 (the CLIP schedule is constant, so this is exactly a prefix of stage 3);
+3. ``clip``      the same CLIP run continued to ``--clip-steps`` (CLIP score / reward / FID features);
+4. ``unet``      SD UNet on natural scenes only (the biased "web" distribution), frozen VAE + text encoder;
+5. ``captioner`` BLIP-format captioning model on natural + compositional renders (the I2T teacher);
+6. ``assemble``  writes ``OUT/pipeline`` (diffusers SD folder), ``OUT/clip``, ``OUT/captioner``.
+
+``text`` comes before ``clip`` and ``unet`` so that the UNet (the longest stage) need not wait for the
+whole CLIP run: stages can run in separate processes (``--stages vae`` | ``--stages text clip captioner``).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import time
 from pathlib import Path
 
-STAGES = ("vae", "clip", "unet", "captioner", "assemble")
-DEFAULT_STEPS = {"vae": 3000, "clip": 3000, "unet": 15000, "captioner": 4000}
+STAGES = ("vae", "text", "clip", "unet", "captioner", "assemble")
+DEFAULT_STEPS = {"vae": 3000, "text": 1000, "clip": 3000, "unet": 15000, "captioner": 4000}
 
 
-def run(work: Path, out: Path, stages: list[str], steps: dict[str, int], seed: int, device: str) -> None:
+def run(work: Path, out: Path, stages: list[str], steps: dict[str, int], seed: int, device: str,
+        num_workers: int = 0) -> None:
     from t2i_align.toyworld import captioner, clip_model, pretrain_sd
 
     work.mkdir(parents=True, exist_ok=True)
-    done = {
-        "vae": work / "vae" / "model",
-        "clip": work / "clip" / "model",
-        "unet": work / "unet" / "model",
-        "captioner": work / "captioner" / "model",
-    }
+    text_dir = work / "text_encoder"
+    kw = dict(seed=seed, device=device, num_workers=num_workers)
     for stage in stages:
         start = time.time()
-        if stage != "assemble" and done[stage].exists():
-            print(f"[{stage}] already finished: {done[stage]}")
-            continue
         if stage == "vae":
-            pretrain_sd.train_vae(work / "vae", steps["vae"], seed=seed, device=device)
+            pretrain_sd.train_vae(work / "vae", steps["vae"], **kw)
+        elif stage == "text":
+            if not text_dir.exists():
+                snapshot = clip_model.train_clip(work / "clip", steps["text"], **kw)
+                pretrain_sd.export_text_encoder(snapshot, text_dir)
         elif stage == "clip":
-            clip_model.train_clip(work / "clip", steps["clip"], seed=seed, device=device)
+            clip_model.train_clip(work / "clip", steps["clip"], **kw)
         elif stage == "unet":
-            text_dir = pretrain_sd.export_text_encoder(done["clip"], work / "text_encoder")
-            pretrain_sd.train_unet(work / "unet", done["vae"], text_dir, steps["unet"], seed=seed, device=device)
+            if not text_dir.exists():
+                raise FileNotFoundError(f"{text_dir}: run the 'text' stage before 'unet'")
+            pretrain_sd.train_unet(work / "unet", work / "vae" / "model", text_dir, steps["unet"], **kw)
         elif stage == "captioner":
-            captioner.train_captioner(work / "captioner", steps["captioner"], seed=seed, device=device)
+            captioner.train_captioner(work / "captioner", steps["captioner"], **kw)
         elif stage == "assemble":
-            text_dir = pretrain_sd.export_text_encoder(done["clip"], work / "text_encoder")
-            pretrain_sd.assemble_pipeline(out / "pipeline", done["vae"], text_dir, done["unet"])
+            pretrain_sd.assemble_pipeline(out / "pipeline", work / "vae" / "model", text_dir, work / "unet" / "model")
             for name in ("clip", "captioner"):
                 if (out / name).exists():
                     shutil.rmtree(out / name)
-                shutil.copytree(done[name], out / name)
-        print(f"[{stage}] {time.time() - start:.0f} s")
+                shutil.copytree(work / name / "model", out / name)
+        print(f"[{stage}] {time.time() - start:.0f} s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,11 +66,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--num-workers", type=int, default=0, help="render workers per stage (use them on a GPU)")
     for stage, n in DEFAULT_STEPS.items():
         p.add_argument(f"--{stage}-steps", type=int, default=n)
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     steps = {stage: getattr(a, f"{stage}_steps") for stage in DEFAULT_STEPS}
-    run(a.work, a.out, a.stages, steps, a.seed, a.device)
+    if steps["text"] > steps["clip"]:
+        p.error("--text-steps must not exceed --clip-steps (the text encoder is a snapshot of the CLIP run)")
+    run(a.work, a.out, a.stages, steps, a.seed, a.device, a.num_workers)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ GAP = 3.0  # minimum free pixels between the enclosing circles (radius ``Obj.ext
 # Furthest vertex / radius of each drawn shape: square corner 0.86 * sqrt(2), triangle base corner
 # sqrt(0.97^2 + 0.8^2) (see ``_polygon``).
 EXTENT = {"circle": 1.0, "square": 0.86 * math.sqrt(2), "triangle": math.hypot(0.97, 0.8), "star": 1.0}
-STRIPE_PERIOD = 4.0  # pixels: 2 px colour, 2 px dark
+STRIPE_PERIOD = 6.0  # pixels: 3 px colour, 3 px dark. Not a divisor of the VAE's 8 px cells: with period 4
+# every latent cell of a striped region is identical and a nearest-upsampling decoder cannot draw sub-cell stripes.
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ _PHRASE = re.compile(
 _WORD_COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
 
 
-def _parse_phrase(text: str, prompt: str) -> Phrase:
+def parse_phrase(text: str, prompt: str) -> Phrase:
     m = _PHRASE.match(text.strip())
     if not m:
         raise ValueError(f"ToyWorld prompt {prompt!r}: cannot parse the phrase {text.strip()!r}")
@@ -133,13 +134,13 @@ def parse_prompt(prompt: str) -> PromptSpec:
     text = " ".join(prompt.lower().replace(",", " , ").split()).rstrip(" .")
     if text.startswith("a photo of "):
         body = text[len("a photo of "):].replace(" , and ", " , ").replace(" and ", " , ")
-        phrases = tuple(_parse_phrase(p, prompt) for p in body.split(" , ") if p.strip())
+        phrases = tuple(parse_phrase(p, prompt) for p in body.split(" , ") if p.strip())
         return PromptSpec(phrases, None, "multi")
     for rel in RELATIONS:
         if f" {rel} " in text:
             left, right = text.split(f" {rel} ", 1)
-            return PromptSpec((_parse_phrase(left, prompt), _parse_phrase(right, prompt)), rel, "spatial")
-    phrases = tuple(_parse_phrase(p, prompt) for p in text.split(" and "))
+            return PromptSpec((parse_phrase(left, prompt), parse_phrase(right, prompt)), rel, "spatial")
+    phrases = tuple(parse_phrase(p, prompt) for p in text.split(" and "))
     if any(p.count > 1 for p in phrases):
         template = "counting"
     else:

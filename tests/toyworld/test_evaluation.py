@@ -1,5 +1,6 @@
 """ToyWorld evaluation: scoring, per-category summaries, the Lightning callback and the grid."""
 
+import json
 import random
 
 import lightning as L
@@ -83,3 +84,43 @@ def test_callback_logs_toy_metrics_and_a_grid(prompts_dir, tmp_path):
     assert len(prompts_seen) == 14 and len(set(zip(prompts_seen, [s for c in module.generator.calls for s in c[1]]))) == 14
     assert module.generator.calls[0][2] == {"num_inference_steps": 25, "guidance_scale": 5.0, "scheduler": "ddim"}
     assert (tmp_path / "toy_samples" / "step_0.png").exists()
+
+
+def test_callback_compares_before_and_after_fit(prompts_dir, tmp_path, caplog):
+    class Module(L.LightningModule):
+        """Binds colours wrongly until its first training step, then renders prompts exactly."""
+
+        def __init__(self):
+            super().__init__()
+            self.generator = RenderingGenerator(swap_colours=True)
+            self.layer = torch.nn.Linear(1, 1)
+            self.dropout = torch.nn.Dropout(0.5)
+            self.modes_while_training = []
+
+        def training_step(self, batch, batch_idx):
+            self.generator.swap_colours = False
+            self.modes_while_training.append(self.dropout.training)
+            return self.layer(batch.float().view(-1, 1)).sum()
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    callback = ToyWorldEvaluation(str(prompts_dir), categories=["color_binding", "spatial"], per_category=4,
+                                  grid_images=0, evaluate_before_fit=True)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path, max_steps=2,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0)
+    module = Module()
+    loader = torch.utils.data.DataLoader([0, 1])
+    with caplog.at_level("INFO"):
+        trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    report = json.loads((tmp_path / "toy_eval.json").read_text())
+    assert report["before"]["color_binding/all_clauses"] < 0.5
+    assert report["after"]["color_binding/all_clauses"] == 1.0 and report["step"] == 2
+    assert module.modes_while_training == [True, True]  # evaluation left training mode as it found it
+    table = next(r.getMessage() for r in caplog.records if "ToyWorld evaluation" in r.getMessage())
+    row = next(line for line in table.splitlines() if line.startswith("color_binding/all_clauses"))
+    assert row.split()[2:] == ["1.000", f"{1 - report['before']['color_binding/all_clauses']:+.3f}"]

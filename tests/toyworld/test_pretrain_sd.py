@@ -6,7 +6,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from t2i_align.diffusion.generator import Generator, GeneratorConfig
 from t2i_align.toyworld.clip_model import train_clip
-from t2i_align.toyworld.pretrain_sd import assemble_pipeline, export_text_encoder, train_unet, train_vae
+from t2i_align.toyworld.pretrain_sd import LATENT_CHANNELS, assemble_pipeline, export_text_encoder, train_unet, train_vae
 
 
 def test_stages_chain_into_a_loadable_pipeline(tmp_path):
@@ -22,7 +22,10 @@ def test_stages_chain_into_a_loadable_pipeline(tmp_path):
     gen = Generator(GeneratorConfig(pretrained=str(pipe_dir)))
     with torch.no_grad():
         out = gen.sample(["a red circle"], [0], num_inference_steps=2)
-    assert out.images.shape == (1, 3, 64, 64) and out.latents.shape == (1, 4, 8, 8)
+    assert out.images.shape == (1, 3, 64, 64) and out.latents.shape == (1, LATENT_CHANNELS, 8, 8)
+    image = pipe("a red circle", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3)
 
 
 def test_vae_resume_is_exact(tmp_path):
@@ -30,4 +33,20 @@ def test_vae_resume_is_exact(tmp_path):
     train_vae(tmp_path / "b", steps=2, batch_size=2, checkpoint_every=2, log_every=2)
     resumed = train_vae(tmp_path / "b", steps=4, batch_size=2, checkpoint_every=2, log_every=2)
     a, b = AutoencoderKL.from_pretrained(straight).state_dict(), AutoencoderKL.from_pretrained(resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unet_resume_is_exact(tmp_path):
+    """CFG dropout, noise and timesteps come from the checkpointed RNG; cached text contexts do not depend
+    on batch composition: a resumed run ends with the same weights as a straight one."""
+    from diffusers import UNet2DConditionModel
+
+    vae_dir = train_vae(tmp_path / "vae", steps=1, batch_size=2)
+    text_dir = export_text_encoder(train_clip(tmp_path / "clip", steps=1, batch_size=2), tmp_path / "text")
+    kw = dict(batch_size=3, checkpoint_every=2, log_every=2)
+    straight = train_unet(tmp_path / "a", vae_dir, text_dir, steps=4, **kw)
+    train_unet(tmp_path / "b", vae_dir, text_dir, steps=2, **kw)
+    resumed = train_unet(tmp_path / "b", vae_dir, text_dir, steps=4, **kw)
+    a = UNet2DConditionModel.from_pretrained(straight).state_dict()
+    b = UNet2DConditionModel.from_pretrained(resumed).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

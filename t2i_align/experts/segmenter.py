@@ -1,0 +1,30 @@
+"""The segmentation-expert interface (Grounded-SAM's role in TokenCompose and CoMat's mixed latents).
+
+A segmenter maps images and, per image, a list of phrases to one boolean mask per phrase: the union of
+every instance the phrase names (an all-False mask when there is none). Implementations: the exact
+ToyWorld segmenter (:class:`t2i_align.toyworld.segmenter.ToySegmenter`); Grounded-SAM plugs in here.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    def __call__(self, images: torch.Tensor, phrases: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+        """``images``: ``B x 3 x H x W`` in [0, 1]; ``phrases[i]``: the phrases of image ``i``.
+        Returns, per image, a bool tensor ``len(phrases[i]) x H x W``."""
+        ...
+
+
+def check_images(images: torch.Tensor, phrases: Sequence[Sequence[str]]) -> None:
+    """The shared input checks: a float batch in [0, 1] with one phrase list per image."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"segmenter: expected images B x 3 x H x W, got shape {tuple(images.shape)}")
+    if not images.is_floating_point() or images.min() < 0 or images.max() > 1:
+        raise ValueError("segmenter: expected float images in [0, 1]")
+    if len(phrases) != len(images):
+        raise ValueError(f"segmenter: {len(images)} images but {len(phrases)} phrase lists")

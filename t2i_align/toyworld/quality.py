@@ -1,0 +1,148 @@
+"""Every ToyWorld quality bar, measured and printed:
+``python -m t2i_align.toyworld.quality [--models models/toyworld] [--parts judge clip captioner pipeline]``.
+
+* judge: object-level accuracy on held-out renders, clean (>= 99 %) and degraded with blur + noise (>= 95 %);
+* captioner: CoMat B.3 sensitivity (true caption more likely than each corruption, >= 95 %) and greedy
+  captions that parse to the right scene (>= 90 %), on held-out scenes of the training mix and of the
+  (never trained on) evaluation prompts;
+* CLIP: retrieval and corruption accuracy (reported; no bar in the issue);
+* base pipeline: canonical single-object prompts judged right in shape and colour (>= 90 %), and the
+  alignment gap: ``all_clauses`` per evaluation category, plus colour binding on counter-canonical pairs
+  (expected well under 60 %). ``--grid`` saves a sample grid.
+
+Exits 1 if a bar is missed. ``--out`` writes all numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from t2i_align.toyworld.evaluation import EvalItem, image_grid, load_items, score_items, summarise, metric_keys
+from t2i_align.toyworld.judge import ToyJudge, held_out_scenes, score_renders
+from t2i_align.toyworld.metrics import score_image
+from t2i_align.toyworld.splits import EVAL_CATEGORIES, canonical_single_prompts, eval_prompt_sets, write_prompts
+from t2i_align.toyworld.world import CANONICAL, Phrase, PromptSpec, parse_prompt
+
+PARTS = ("judge", "clip", "captioner", "pipeline")
+BARS = {
+    "judge/clean": 0.99,
+    "judge/degraded": 0.95,
+    "captioner/mix/sensitivity": 0.95,
+    "captioner/mix/caption_exact": 0.90,
+    "pipeline/canonical_single/shape_colour": 0.90,
+}
+CEILINGS = {"pipeline/color_binding_counter/all_clauses": 0.60}  # the gap: must stay under
+
+
+def judge_quality(images: int = 1000, seed: int = 9_000_000) -> dict[str, float]:
+    judge, scenes = ToyJudge(), held_out_scenes(images, seed)
+    return {f"judge/{c}": score_renders(judge, scenes, degraded=c == "degraded").accuracy for c in ("clean", "degraded")}
+
+
+def counter_canonical(spec: PromptSpec) -> bool:
+    return all(p.colour is not None and p.colour != CANONICAL[p.shape] for p in spec.phrases)
+
+
+@torch.no_grad()
+def pipeline_quality(pipeline: str, per_category: int = 50, images_per_prompt: int = 4, steps: int = 25,
+                     guidance: float = 5.0, batch_size: int = 64, device: str = "cpu", seed: int = 0,
+                     grid: Path | None = None) -> dict[str, float]:
+    """Canonical singles (shape + colour, and every stated word) and ``all_clauses`` per category."""
+    from t2i_align.diffusion.generator import Generator, GeneratorConfig
+
+    generator = Generator(GeneratorConfig(pretrained=pipeline, lora=None)).to(device).eval()
+    sampling = dict(num_inference_steps=steps, guidance_scale=guidance, scheduler="ddim")
+    judge = ToyJudge()
+    out: dict[str, float] = {}
+    shown = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_prompts(canonical_single_prompts(), Path(tmp) / "canonical_single.txt")
+        items = load_items(tmp, ["canonical_single"], None, images_per_prompt, seed)
+        right = [0.0, 0.0]
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            images = generator.sample([it.prompt for it in batch], [it.seed for it in batch], **sampling).images.cpu()
+            for image, item, found in zip(images, batch, judge.detect_batch(images)):
+                phrase = parse_prompt(item.prompt).phrases[0]
+                bare = PromptSpec((Phrase(phrase.shape, colour=phrase.colour),))
+                right[0] += score_image(bare, found)["all_clauses"]
+                right[1] += score_image(parse_prompt(item.prompt), found)["all_clauses"]
+                if len(shown) < 16 and item.seed % 2 == 0:
+                    shown.append(image)
+        out["pipeline/canonical_single/shape_colour"] = right[0] / len(items)
+        out["pipeline/canonical_single/all_words"] = right[1] / len(items)
+
+        sets = eval_prompt_sets(0, 100)
+        for category, specs in sets.items():
+            write_prompts(specs[:per_category], Path(tmp) / f"{category}.txt")
+        counter = [s for s in sets["color_binding"] if counter_canonical(s)]
+        write_prompts(counter[:per_category], Path(tmp) / "color_binding_counter.txt")
+        categories = [*EVAL_CATEGORIES, "color_binding_counter"]
+        keys = metric_keys(categories)
+        items = load_items(tmp, categories, None, 1, seed)
+        sums, counts, kept = score_items(generator, items, judge, keys, batch_size, keep_images=48, **sampling)
+    for key, value in summarise(keys, sums, counts).items():
+        if key.endswith("/all_clauses") or key.endswith("/object_accuracy"):
+            out[f"pipeline/{key}"] = value
+    if grid is not None:
+        image_grid(shown + [img for img, _, _ in kept], columns=16).save(grid)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=Path, default=Path("models/toyworld"))
+    p.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS)
+    p.add_argument("--judge-images", type=int, default=1000)
+    p.add_argument("--captioner-images", type=int, default=300)
+    p.add_argument("--per-category", type=int, default=50, help="evaluation prompts per category (pipeline)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--grid", type=Path, help="PNG: canonical singles, then evaluation prompts")
+    p.add_argument("--out", type=Path, help="JSON with every number")
+    a = p.parse_args(argv)
+
+    results: dict[str, float] = {}
+    if "judge" in a.parts:
+        results.update(judge_quality(a.judge_images))
+    if "clip" in a.parts:
+        from t2i_align.toyworld.clip_model import clip_quality
+
+        for source in ("mix", "eval"):
+            q = clip_quality(a.models / "clip", source=source, device=a.device)
+            results.update({f"clip/{source}/{k}": v for k, v in q.items() if k not in ("n", "pairs")})
+    if "captioner" in a.parts:
+        from t2i_align.toyworld.captioner import captioner_quality
+
+        for source in ("mix", "eval"):
+            q = captioner_quality(a.models / "captioner", n=a.captioner_images, source=source, device=a.device)
+            results.update({f"captioner/{source}/{k}": v for k, v in q.items()
+                            if isinstance(v, float) and not k.startswith("pairs") and k != "n"})
+    if "pipeline" in a.parts:
+        results.update(pipeline_quality(str(a.models / "pipeline"), a.per_category, device=a.device, grid=a.grid))
+
+    missed = False
+    for key, value in results.items():
+        verdict = ""
+        if key in BARS:
+            ok = value >= BARS[key]
+            verdict = f">= {BARS[key]:.0%} {'ok' if ok else 'MISSED'}"
+        elif key in CEILINGS:
+            ok = value < CEILINGS[key]
+            verdict = f"< {CEILINGS[key]:.0%} {'ok' if ok else 'MISSED'}"
+        else:
+            ok = True
+        missed |= not ok
+        print(f"{key:48s} {value:7.3f}  {verdict}")
+    if a.out:
+        a.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
