@@ -1,6 +1,6 @@
 """The segmentation-expert interface (Grounded-SAM's role in TokenCompose and CoMat's mixed latents).
 
-A segmenter maps images and, per image, a list of phrases to one boolean mask per phrase: the union of
+A segmenter's ``masks`` maps images and, per image, a list of phrases to one boolean mask per phrase: the union of
 every instance the phrase names (an all-False mask when there is none). Implementations: the exact
 ToyWorld segmenter (:class:`t2i_align.toyworld.segmenter.ToySegmenter`); Grounded-SAM plugs in here.
 """
@@ -14,7 +14,7 @@ import torch
 
 @runtime_checkable
 class Segmenter(Protocol):
-    def __call__(self, images: torch.Tensor, phrases: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+    def masks(self, images: torch.Tensor, phrases: Sequence[Sequence[str]]) -> list[torch.Tensor]:
         """``images``: ``B x 3 x H x W`` in [0, 1]; ``phrases[i]``: the phrases of image ``i``.
         Returns, per image, a bool tensor ``len(phrases[i]) x H x W``."""
         ...

@@ -28,7 +28,7 @@ class ToySegmenter:
     def __init__(self, judge: ToyJudge | None = None) -> None:
         self.judge = judge or ToyJudge()
 
-    def __call__(self, images: torch.Tensor, phrases: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+    def masks(self, images: torch.Tensor, phrases: Sequence[Sequence[str]]) -> list[torch.Tensor]:
         check_images(images, phrases)
         h, w = images.shape[-2:]
         out = []

@@ -36,7 +36,7 @@ def test_phrase_masks_match_ground_truth():
         expected.append(np.zeros_like(masks[0]))
         phrases.append(texts)
         truth.append(expected)
-    out = seg(torch.stack(images), phrases)
+    out = seg.masks(torch.stack(images), phrases)
     scores = [iou(got.numpy()[k], exp[k]) for got, exp in zip(out, truth) for k in range(len(exp))]
     assert [o.shape[0] for o in out] == [len(p) for p in phrases]
     assert min(scores) > 0.75, min(scores)
@@ -50,6 +50,6 @@ def test_noun_phrases_parse_and_bad_input_is_refused():
         parse_noun_phrase("hexagon")
     seg = ToySegmenter()
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
-        seg(torch.full((1, 3, 8, 8), 2.0), [["circle"]])
+        seg.masks(torch.full((1, 3, 8, 8), 2.0), [["circle"]])
     with pytest.raises(ValueError, match="phrase lists"):
-        seg(torch.zeros(2, 3, 8, 8), [["circle"]])
+        seg.masks(torch.zeros(2, 3, 8, 8), [["circle"]])
