@@ -8,9 +8,21 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 from t2i_align.diffusion.tiny import save_tiny_pipeline  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def benchmarks() -> Path:
+    """The read-only benchmark folder (../shared/benchmarks from the repo root); skip when absent."""
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"benchmark files not available at {BENCHMARKS}")
+    return BENCHMARKS
 
 
 @pytest.fixture(scope="session")

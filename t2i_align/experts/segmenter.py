@@ -19,12 +19,3 @@ class Segmenter(Protocol):
         Returns, per image, a bool tensor ``len(phrases[i]) x H x W``."""
         ...
 
-
-def check_images(images: torch.Tensor, phrases: Sequence[Sequence[str]]) -> None:
-    """The shared input checks: a float batch in [0, 1] with one phrase list per image."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"segmenter: expected images B x 3 x H x W, got shape {tuple(images.shape)}")
-    if not images.is_floating_point() or images.min() < 0 or images.max() > 1:
-        raise ValueError("segmenter: expected float images in [0, 1]")
-    if len(phrases) != len(images):
-        raise ValueError(f"segmenter: {len(images)} images but {len(phrases)} phrase lists")

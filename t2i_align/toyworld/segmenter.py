@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from t2i_align.experts.segmenter import check_images
+from t2i_align.experts.base import check_images
 from t2i_align.toyworld.judge import ToyJudge
 from t2i_align.toyworld.world import Phrase, parse_phrase
 
@@ -29,7 +29,7 @@ class ToySegmenter:
         self.judge = judge or ToyJudge()
 
     def masks(self, images: torch.Tensor, phrases: Sequence[Sequence[str]]) -> list[torch.Tensor]:
-        check_images(images, phrases)
+        check_images(images, phrases, "ToySegmenter")
         h, w = images.shape[-2:]
         out = []
         for detections, texts in zip(self.judge.detect_batch(images.float().cpu()), phrases):

@@ -11,16 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-BENCHMARKS = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks"
-
-
-@pytest.fixture(scope="session")
-def benchmarks() -> Path:
-    """The read-only benchmark folder (../shared/benchmarks from the repo root); skip when absent."""
-    if not BENCHMARKS.is_dir():
-        pytest.skip(f"benchmark files not available at {BENCHMARKS}")
-    return BENCHMARKS
-
 
 @pytest.fixture(scope="session")
 def provenance_counts(benchmarks: Path) -> dict[str, int]:

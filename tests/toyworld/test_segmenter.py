@@ -51,5 +51,5 @@ def test_noun_phrases_parse_and_bad_input_is_refused():
     seg = ToySegmenter()
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         seg.masks(torch.full((1, 3, 8, 8), 2.0), [["circle"]])
-    with pytest.raises(ValueError, match="phrase lists"):
+    with pytest.raises(ValueError, match="2 images but 1 text entries"):
         seg.masks(torch.zeros(2, 3, 8, 8), [["circle"]])

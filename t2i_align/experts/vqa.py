@@ -1,0 +1,52 @@
+"""The visual-question-answering expert interface (TIFA's VQA model) and its transformers BLIP build.
+
+A VQA model answers one free-form question per image: ``answer(images, questions) -> list[str]`` with
+images ``B x 3 x H x W`` in [0, 1]. TIFA snaps the free-form answer to a multiple-choice option
+afterwards (:func:`t2i_align.callbacks.tifa.nearest_choice`). ToyWorld answers with its judge
+(:class:`t2i_align.toyworld.vqa.ToyVQA`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+from t2i_align.experts.base import check_images
+
+
+@runtime_checkable
+class VQAModel(Protocol):
+    def answer(self, images: torch.Tensor, questions: Sequence[str]) -> list[str]:
+        ...
+
+
+class BlipVQA:
+    """transformers ``BlipForQuestionAnswering`` (default ``Salesforce/blip-vqa-base``, TIFA's fast
+    option is BLIP VQA as well), greedy answers of at most ``max_new_tokens`` tokens.
+
+    Args:
+        pretrained: hub id or local folder (model + ``BlipProcessor``).
+        device: where to run; the model is frozen and not a child of any LightningModule.
+        dtype: weight dtype (``float16``/``bfloat16`` on GPUs).
+    """
+
+    def __init__(self, pretrained: str = "Salesforce/blip-vqa-base", device: str = "cpu", dtype: str = "float32",
+                 max_new_tokens: int = 10) -> None:
+        from transformers import BlipForQuestionAnswering, BlipProcessor
+
+        self.processor = BlipProcessor.from_pretrained(pretrained)
+        self.model = BlipForQuestionAnswering.from_pretrained(pretrained, torch_dtype=getattr(torch, dtype))
+        self.model.to(device).eval().requires_grad_(False)
+        self.max_new_tokens = max_new_tokens
+
+    @torch.no_grad()
+    def answer(self, images: torch.Tensor, questions: Sequence[str]) -> list[str]:
+        check_images(images, questions, "BlipVQA")
+        model = self.model
+        inputs = self.processor(images=list(images.float().cpu()), text=list(questions), return_tensors="pt",
+                                padding=True, do_rescale=False)
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        out = model.generate(**inputs, max_new_tokens=self.max_new_tokens)
+        return [a.strip() for a in self.processor.batch_decode(out, skip_special_tokens=True)]
