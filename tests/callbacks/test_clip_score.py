@@ -1,0 +1,53 @@
+"""CLIP score through torchmetrics with a local CLIP folder equals 100 * max(cos, 0) computed by hand."""
+
+import torch
+
+from t2i_align.callbacks.clip_score import backbone_name, build_clip_score, clip_score_update
+
+
+def test_local_clip_folder_gives_the_reference_value(tmp_path):
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from t2i_align.diffusion.tiny import TINY_TOKENIZER_DIR
+    from t2i_align.toyworld.clip_model import image_processor
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(CLIPTokenizer.from_pretrained(TINY_TOKENIZER_DIR)), hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        vision_config=dict(image_size=64, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2),
+        projection_dim=16,
+    )
+    model = CLIPModel(config).eval()
+    folder = tmp_path / "my-clip"  # no "openai" in the path: torchmetrics alone would refuse it
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor(), tokenizer=CLIPTokenizer.from_pretrained(TINY_TOKENIZER_DIR)).save_pretrained(folder)
+
+    images = torch.rand(5, 3, 64, 64)
+    prompts = ["a red circle", "a blue square", "two stars", "a green triangle", "a cyan circle"]
+    metric = build_clip_score(str(folder))
+    clip_score_update(metric, images[:3], prompts[:3])
+    clip_score_update(metric, images[3:], prompts[3:])
+
+    processor = CLIPProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        pixels = processor(images=list((images * 255).round().to(torch.uint8)), return_tensors="pt")["pixel_values"]
+        # independent path: normalise the float images ourselves
+        mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
+        assert torch.allclose(pixels, ((images * 255).round() / 255 - mean) / std, atol=1e-5)
+        img = model.get_image_features(pixel_values=pixels)
+        txt = model.get_text_features(**processor.tokenizer(prompts, padding=True, return_tensors="pt"))
+    img = getattr(img, "pooler_output", img)
+    txt = getattr(txt, "pooler_output", txt)
+    cos = torch.nn.functional.cosine_similarity(img, txt)
+    expected = (100 * cos.clamp(min=0)).mean()
+    assert (cos < 0).any() and (cos > 0).any()  # the per-sample clamp matters for this batch
+    assert abs(float(metric.compute()) - float(expected)) < 1e-3
+
+
+def test_backbone_names():
+    assert backbone_name("openai/clip-vit-large-patch14") == "L14"
+    assert backbone_name("/models/clip-vit-base-patch32/") == "B32"
+    assert backbone_name("models/toyworld/clip") == "clip"
