@@ -17,6 +17,8 @@ import torch
 from torchmetrics.functional.multimodal.clip_score import _clip_score_update
 from torchmetrics.multimodal.clip_score import CLIPScore
 
+from t2i_align.callbacks.evaluation import GenerativeEvaluation
+
 
 class _TensorFeatures(torch.nn.Module):
     """A ``CLIPModel`` whose feature getters return the projected tensors (transformers 4 behaviour)."""
@@ -77,3 +79,32 @@ def clip_score_update(metric: CLIPScore, images: torch.Tensor, prompts: list[str
 
     check_images(images, prompts, "CLIP score")
     metric.update((images * 255).round().to(torch.uint8), list(prompts))
+
+
+class CLIPScoreEvaluation(GenerativeEvaluation):
+    """Mean CLIP score of the generated evaluation images with their prompts, logged as
+    ``clip_<backbone>_x100`` (e.g. ``val/clip_L14_x100``).
+
+    Args (besides :class:`~t2i_align.callbacks.evaluation.GenerativeEvaluation`'s):
+        pretrained: CLIP hub id or local folder (``openai/clip-vit-large-patch14``).
+        backbone: name in the metric (default from ``pretrained``: ``L14``, ``B32``, or the folder name).
+    """
+
+    def __init__(self, pretrained: str = "openai/clip-vit-large-patch14", backbone: str | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.pretrained = pretrained
+        self.name = f"clip_{backbone or backbone_name(pretrained)}_x100"
+        self.metric = build_clip_score(pretrained)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "pretrained": self.pretrained}
+
+    def reset(self, pl_module) -> None:
+        self.metric.to(pl_module.device)
+        self.metric.reset()
+
+    def update(self, images: torch.Tensor, items, pl_module) -> None:
+        clip_score_update(self.metric, images, [it.prompt for it in items])
+
+    def compute(self, trainer, pl_module) -> dict[str, float]:
+        return {self.name: float(self.metric.compute())}

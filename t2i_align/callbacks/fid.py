@@ -15,11 +15,13 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable
 
+import lightning as L
 import numpy as np
 import torch
 from PIL import Image
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from t2i_align.callbacks.evaluation import GenerativeEvaluation
 from t2i_align.io import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -105,3 +107,66 @@ def set_reference(metric: FrechetInceptionDistance, states: dict[str, torch.Tens
     for name in REAL_STATES:
         value = states[name].to(getattr(metric, name))
         getattr(metric, name).copy_(value if holder else torch.zeros_like(value))
+
+
+def count_tag(n: int) -> str:
+    """``10000 -> "10k"``, ``30000 -> "30k"``, ``500 -> "500"`` (the N in ``fid10k_inception2048``)."""
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+class FIDEvaluation(GenerativeEvaluation):
+    """FID of the generated evaluation images against a folder of real images.
+
+    Args (besides :class:`~t2i_align.callbacks.evaluation.GenerativeEvaluation`'s):
+        reference_dir: folder of real images (e.g. COCO val 2014; searched recursively).
+        feature: Inception layer width (2048: the standard pool features; needs ``weights_path`` to the
+            ``pt_inception-2015-12-05`` weights and torch-fidelity) or a feature module given by
+            ``class_path`` (e.g. ``t2i_align.experts.clip.CLIPImageFeatures`` for ToyWorld).
+        weights_path: local Inception weights file.
+        extractor_name: name of the feature module in the metric name and the cache key (default:
+            ``inception<feature>`` or the module's ``tag`` + width).
+        reference_resolution: side the real images are centre-cropped and resized to.
+        reference_limit: use only the first N real images (sorted by path).
+        cache_dir: where reference statistics are cached.
+    """
+
+    def __init__(self, reference_dir: str, feature: int | torch.nn.Module = 2048, weights_path: str | None = None,
+                 extractor_name: str | None = None, reference_resolution: int = 512, reference_limit: int | None = None,
+                 cache_dir: str = ".cache/fid", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.reference_dir, self.reference_resolution = reference_dir, reference_resolution
+        self.reference_limit, self.cache_dir = reference_limit, cache_dir
+        self.metric = build_fid(feature, weights_path)
+        if extractor_name is None:
+            extractor_name = (f"inception{feature}" if isinstance(feature, int)
+                              else f"{getattr(feature, 'tag', type(feature).__name__.lower())}{self.metric.real_features_sum.numel()}")
+        self.extractor = extractor_name
+        self._reference_ready = False
+
+    @property
+    def name(self) -> str:
+        return f"fid{count_tag(len(self.items))}_{self.extractor}"
+
+    def settings(self) -> dict:
+        return {**super().settings(), "reference_dir": self.reference_dir, "reference_resolution": self.reference_resolution,
+                "reference_limit": self.reference_limit}
+
+    def reset(self, pl_module: L.LightningModule) -> None:
+        self.metric.to(pl_module.device)
+        if not self._reference_ready:
+            trainer = pl_module.trainer
+            states = None
+            if trainer.is_global_zero:  # one rank computes (or loads) the reference; it alone holds it
+                states = reference_statistics(self.metric, self.reference_dir, self.extractor,
+                                              self.reference_resolution, self.cache_dir, self.reference_limit)
+            trainer.strategy.barrier()
+            if states is not None:
+                set_reference(self.metric, states, holder=True)
+            self._reference_ready = True
+        self.metric.reset()  # fake features only (reset_real_features=False)
+
+    def update(self, images: torch.Tensor, items, pl_module) -> None:
+        self.metric.update(images, real=False)
+
+    def compute(self, trainer, pl_module) -> dict[str, float]:
+        return {self.name: float(self.metric.compute())}

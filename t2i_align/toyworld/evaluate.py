@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
+from t2i_align.callbacks.evaluation import image_grid
 from t2i_align.diffusion.generator import Generator, GeneratorConfig
 from t2i_align.diffusion.lora import LORA_WEIGHT_NAME
 from t2i_align.io import atomic_path
-from t2i_align.toyworld.evaluation import image_grid, load_items, metric_keys, score_items, summarise
+from t2i_align.toyworld.evaluation import load_items, metric_keys, score_items, summarise
 from t2i_align.toyworld.judge import ToyJudge
 from t2i_align.toyworld.splits import EVAL_CATEGORIES
 

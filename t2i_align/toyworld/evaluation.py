@@ -1,17 +1,18 @@
 """Judge-based evaluation of a generator on ToyWorld prompt sets.
 
-Items are (category, prompt, seed) triples with fixed seeds, so every run and every method is scored on
-the same noise. Scores are kept as per-(category, metric) sums and counts, which add up across ranks.
+Items are :class:`~t2i_align.callbacks.evaluation.EvalItem` with the category as ``group`` and fixed
+seeds, so every run and every method is scored on the same noise. Scores are kept as per-(category,
+metric) sums and counts, which add up across ranks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from t2i_align.callbacks.evaluation import EvalItem
 from t2i_align.datamodules.prompts import read_prompts
 from t2i_align.lightning_modules.base import derive_seed
 from t2i_align.toyworld.judge import ToyJudge
@@ -22,13 +23,6 @@ from t2i_align.toyworld.world import parse_prompt
 METRICS = ("all_clauses", "object_accuracy", "tifa", "mg2", "mg3", "mg4")
 
 
-@dataclass(frozen=True)
-class EvalItem:
-    category: str
-    prompt: str
-    seed: int
-
-
 def load_items(prompts_dir: str | Path, categories: Sequence[str] | None = None, per_category: int | None = None,
                images_per_prompt: int = 1, seed: int = 0) -> list[EvalItem]:
     """Items from ``<prompts_dir>/<category>.txt`` (the layout written by ``toyworld.build``: prompts/eval)."""
@@ -37,7 +31,8 @@ def load_items(prompts_dir: str | Path, categories: Sequence[str] | None = None,
         prompts = read_prompts(Path(prompts_dir) / f"{category}.txt", format="txt")[:per_category]
         for p in prompts:
             for k in range(images_per_prompt):
-                items.append(EvalItem(category, p.text, derive_seed(seed, category, p.id, k) % (2**31)))
+                items.append(EvalItem(f"{category}/{p.id}/{k}", p.text, derive_seed(seed, category, p.id, k) % (2**31),
+                                      category))
     return items
 
 
@@ -46,24 +41,35 @@ def metric_keys(categories: Sequence[str]) -> list[str]:
     return [f"{c}/{m}" for c in categories for m in METRICS]
 
 
+def score_batch(images: torch.Tensor, items: Sequence[EvalItem], judge: ToyJudge) -> list[dict[str, float]]:
+    """The toy metrics of each image (float ``B x 3 x H x W`` in [0, 1]) for its item's prompt."""
+    return [score_image(parse_prompt(item.prompt), found)
+            for item, found in zip(items, judge.detect_batch(images.float().cpu()))]
+
+
+def accumulate(sums: torch.Tensor, counts: torch.Tensor, keys: list[str], items: Sequence[EvalItem],
+               scores: Sequence[dict[str, float]]) -> None:
+    """Add per-image scores into the (sums, counts) vectors over ``keys`` (``<category>/<metric>``)."""
+    index = {k: i for i, k in enumerate(keys)}
+    for item, item_scores in zip(items, scores):
+        for name, value in item_scores.items():
+            sums[index[f"{item.group}/{name}"]] += value
+            counts[index[f"{item.group}/{name}"]] += 1
+
+
 @torch.no_grad()
 def score_items(generator, items: Sequence[EvalItem], judge: ToyJudge, keys: list[str], batch_size: int = 16,
                 keep_images: int = 0, **sample_kwargs) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Generate and judge ``items``; returns (sums, counts) over ``keys`` and up to ``keep_images``
     (image, item, scores) triples for sample grids."""
-    index = {k: i for i, k in enumerate(keys)}
     sums, counts = torch.zeros(len(keys), dtype=torch.float64), torch.zeros(len(keys), dtype=torch.float64)
     kept = []
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
         images = generator.sample([it.prompt for it in batch], [it.seed for it in batch], **sample_kwargs).images
-        for image, item, detections in zip(images, batch, judge.detect_batch(images.float().cpu())):
-            scores = score_image(parse_prompt(item.prompt), detections)
-            for name, value in scores.items():
-                sums[index[f"{item.category}/{name}"]] += value
-                counts[index[f"{item.category}/{name}"]] += 1
-            if len(kept) < keep_images:
-                kept.append((image.cpu(), item, scores))
+        scores = score_batch(images, batch, judge)
+        accumulate(sums, counts, keys, batch, scores)
+        kept += [(image.cpu(), item, s) for image, item, s in zip(images, batch, scores)][:keep_images - len(kept)]
     return sums, counts, kept
 
 
@@ -75,17 +81,3 @@ def summarise(keys: list[str], sums: torch.Tensor, counts: torch.Tensor) -> dict
         if values:
             out[metric] = sum(values) / len(values)
     return out
-
-
-def image_grid(images: Sequence[torch.Tensor], columns: int = 8):
-    """A PIL grid of B x 3 x H x W images in [0, 1]."""
-    from PIL import Image
-
-    columns = min(columns, len(images))
-    rows = -(-len(images) // columns)
-    h, w = images[0].shape[-2:]
-    grid = Image.new("RGB", (columns * (w + 2), rows * (h + 2)), (255, 255, 255))
-    for i, img in enumerate(images):
-        arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        grid.paste(Image.fromarray(arr), ((i % columns) * (w + 2), (i // columns) * (h + 2)))
-    return grid

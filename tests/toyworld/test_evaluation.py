@@ -73,7 +73,7 @@ def test_callback_logs_toy_metrics_and_a_grid(prompts_dir, tmp_path):
         def validation_step(self, batch, batch_idx):
             pass
 
-    callback = ToyWorldEvaluation(str(prompts_dir), per_category=2, batch_size=5, grid_images=4)
+    callback = ToyWorldEvaluation(str(prompts_dir), per_category=2, batch_size=5, log_samples=4)
     trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path,
                         enable_progress_bar=False, enable_model_summary=False)
     module = Module()
@@ -83,7 +83,7 @@ def test_callback_logs_toy_metrics_and_a_grid(prompts_dir, tmp_path):
     prompts_seen = [p for call in module.generator.calls for p in call[0]]
     assert len(prompts_seen) == 14 and len(set(zip(prompts_seen, [s for c in module.generator.calls for s in c[1]]))) == 14
     assert module.generator.calls[0][2] == {"num_inference_steps": 25, "guidance_scale": 5.0, "scheduler": "ddim"}
-    assert (tmp_path / "toy_samples" / "step_0.png").exists()
+    assert (tmp_path / "samples" / "toy" / "step_0.png").exists()
 
 
 def test_callback_compares_before_and_after_fit(prompts_dir, tmp_path, caplog):
@@ -109,7 +109,7 @@ def test_callback_compares_before_and_after_fit(prompts_dir, tmp_path, caplog):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     callback = ToyWorldEvaluation(str(prompts_dir), categories=["color_binding", "spatial"], per_category=4,
-                                  grid_images=0, evaluate_before_fit=True)
+                                  log_samples=0, evaluate_before_fit=True)
     trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path, max_steps=2,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         num_sanity_val_steps=0)

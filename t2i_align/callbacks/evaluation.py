@@ -1,0 +1,189 @@
+"""Generation for evaluation, shared by the metric callbacks (FID, CLIP score, TIFA, ToyWorld).
+
+A fixed list of items (prompt, per-item seed) is generated with the current weights (LoRA applied),
+under ``no_grad`` and with every submodule in eval mode, at the end of each validation (and test).
+Rank ``r`` of ``W`` takes items ``r, r+W, ...``: no duplicates, none missing (Lightning's distributed
+sampler would pad by repeating items). Subclasses implement :meth:`reset`, :meth:`update` and
+:meth:`compute`; ``compute`` runs on every rank (metric syncs are collective) and returns identical
+values everywhere, logged as ``<val|test>/<key>``. The sampler settings are logged once as
+hyperparameters (``eval/<name>``) so every number can be traced to how its images were made.
+
+Sample logging: the first ``log_samples`` items (in item order, gathered from all ranks to rank 0) go
+to ``<default_root_dir>/samples/<name>/step_<N>.png`` as a grid and, with a W&B logger, to a table of
+(prompt, seed, image, per-sample scores).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from t2i_align.datamodules.prompts import Prompt, PromptSource, load_prompt_sources
+from t2i_align.lightning_modules.base import derive_seed
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One image to generate: ``key`` is unique in the set; ``group`` lets subclasses aggregate (e.g. the
+    ToyWorld category or the TIFA prompt id)."""
+
+    key: str
+    prompt: str
+    seed: int
+    group: str = ""
+
+
+def make_items(prompts: Sequence[Prompt], images_per_prompt: int = 1, seed: int = 0) -> list[EvalItem]:
+    """Items for ``prompts`` with seeds that depend only on (seed, source, id, k): every run and every
+    method sees the same noise for the same prompt."""
+    return [
+        EvalItem(f"{p.source}/{p.id}/{k}", p.text, derive_seed(seed, p.source, p.id, k) % (2**31), p.source)
+        for p in prompts
+        for k in range(images_per_prompt)
+    ]
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Every submodule in eval mode (e.g. no LoRA dropout), each restored to its own mode afterwards."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+class GenerativeEvaluation(L.Callback):
+    """Base class. Args (shared by every evaluation callback):
+
+    prompts: prompt sets to generate (concatenated in order; ``weight`` is ignored).
+    images_per_prompt: images per prompt, each with its own fixed seed.
+    num_inference_steps, guidance_scale, scheduler: sampler settings.
+    batch_size: generation batch per rank.
+    seed: base of the per-item seeds.
+    log_samples: how many images (first items) to log per evaluation (0: none).
+    """
+
+    name = "eval"
+
+    def __init__(self, prompts: list[PromptSource] | None = None, images_per_prompt: int = 1,
+                 num_inference_steps: int = 25, guidance_scale: float = 7.5, scheduler: str = "ddim",
+                 batch_size: int = 8, seed: int = 0, log_samples: int = 16) -> None:
+        if images_per_prompt < 1 or batch_size < 1:
+            raise ValueError(f"images_per_prompt and batch_size must be >= 1, got {images_per_prompt}, {batch_size}")
+        self.prompt_sources = [p if isinstance(p, PromptSource) else PromptSource(**p) for p in (prompts or [])]
+        self.images_per_prompt, self.seed = images_per_prompt, seed
+        self.sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
+        self.batch_size, self.log_samples = batch_size, log_samples
+        self._items: list[EvalItem] | None = None
+        self._settings_logged = False
+
+    # ----------------------------------------------------------------------------------- subclass API
+    def load_items(self) -> list[EvalItem]:
+        prompts, _ = load_prompt_sources(self.prompt_sources)
+        return make_items(prompts, self.images_per_prompt, self.seed)
+
+    def reset(self, pl_module: L.LightningModule) -> None:
+        """Clear the per-pass state before generating."""
+
+    def update(self, images: torch.Tensor, items: Sequence[EvalItem], pl_module: L.LightningModule) -> list[dict] | None:
+        """Consume a batch (float ``B x 3 x H x W`` in [0, 1]); may return per-image scores for sample logs."""
+        raise NotImplementedError
+
+    def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Metrics after all ranks updated; called on every rank, must return the same values everywhere."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------------------------- machinery
+    @property
+    def items(self) -> list[EvalItem]:
+        if self._items is None:
+            self._items = self.load_items()
+            keys = [it.key for it in self._items]
+            if len(set(keys)) != len(keys):
+                raise ValueError(f"{type(self).__name__}: duplicate item keys in the evaluation set")
+        return self._items
+
+    def settings(self) -> dict[str, Any]:
+        return {"items": len(self.items), "images_per_prompt": self.images_per_prompt, "seed": self.seed, **self.sampling}
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Generate this rank's share, update, compute on all ranks; log samples. Returns the metrics."""
+        mine = self.items[trainer.global_rank::trainer.world_size]
+        self.reset(pl_module)
+        kept: list[tuple[int, EvalItem, torch.Tensor, dict]] = []
+        with torch.no_grad(), eval_mode(pl_module):
+            for start in range(0, len(mine), self.batch_size):
+                batch = mine[start:start + self.batch_size]
+                images = pl_module.generator.sample([it.prompt for it in batch], [it.seed for it in batch],
+                                                    **self.sampling).images.float().clamp(0, 1)
+                scores = self.update(images, batch, pl_module) or [{} for _ in batch]
+                for j, (image, item, s) in enumerate(zip(images, batch, scores)):
+                    index = trainer.global_rank + (start + j) * trainer.world_size  # position in self.items
+                    if index < self.log_samples:
+                        kept.append((index, item, image.cpu(), s))
+        metrics = self.compute(trainer, pl_module)
+        if self.log_samples:
+            self._log_samples(trainer, kept)
+        return metrics
+
+    def _run_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> dict[str, float]:
+        if not self._settings_logged:
+            for logger in trainer.loggers:
+                logger.log_hyperparams({f"eval/{self.name}": self.settings()})
+            self._settings_logged = True
+        metrics = self.run(trainer, pl_module)
+        # identical on all ranks after compute(): no further sync
+        pl_module.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        return metrics
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._run_and_log(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run_and_log(trainer, pl_module, "test")
+
+    def _log_samples(self, trainer: L.Trainer, kept: list) -> None:
+        # every rank takes part in the gather, also one with nothing to show
+        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
+            parts: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(parts, kept)
+            kept = [k for part in parts for k in part]
+        if not trainer.is_global_zero or not kept:
+            return
+        kept.sort(key=lambda k: k[0])
+        folder = os.path.join(trainer.default_root_dir, "samples", self.name)
+        os.makedirs(folder, exist_ok=True)
+        image_grid([k[2] for k in kept]).save(os.path.join(folder, f"step_{trainer.global_step}.png"))
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_table") and hasattr(logger, "experiment"):  # W&B
+                import wandb
+
+                score_keys = sorted({key for k in kept for key in k[3]})
+                rows = [[it.prompt, it.seed, wandb.Image(img.permute(1, 2, 0).numpy()), *[s.get(key) for key in score_keys]]
+                        for _, it, img, s in kept]
+                logger.log_table(f"samples/{self.name}", columns=["prompt", "seed", "image", *score_keys], data=rows,
+                                 step=trainer.global_step)
+
+
+def image_grid(images: Sequence[torch.Tensor], columns: int = 8):
+    """A PIL grid of B x 3 x H x W images in [0, 1]."""
+    from PIL import Image
+
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    h, w = images[0].shape[-2:]
+    grid = Image.new("RGB", (columns * (w + 2), rows * (h + 2)), (255, 255, 255))
+    for i, img in enumerate(images):
+        arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        grid.paste(Image.fromarray(arr), ((i % columns) * (w + 2), (i // columns) * (h + 2)))
+    return grid

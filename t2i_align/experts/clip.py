@@ -1,0 +1,35 @@
+"""A CLIP image tower as a feature extractor (FID features; ToyWorld's FID uses its own CLIP)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class CLIPImageFeatures(torch.nn.Module):
+    """Projected CLIP image embeddings of float images in [0, 1] (resized to the tower's input size,
+    normalised with the processor's mean and std). ``num_features`` tells torchmetrics the width.
+
+    Args:
+        pretrained: hub id or local folder of a transformers ``CLIPModel`` (+ image processor config).
+    """
+
+    def __init__(self, pretrained: str) -> None:
+        super().__init__()
+        from transformers import CLIPImageProcessor, CLIPModel
+
+        model = CLIPModel.from_pretrained(pretrained).eval().requires_grad_(False)
+        self.vision, self.projection = model.vision_model, model.visual_projection
+        processor = CLIPImageProcessor.from_pretrained(pretrained)
+        self.size = model.config.vision_config.image_size
+        self.register_buffer("mean", torch.tensor(processor.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(processor.image_std).view(1, 3, 1, 1), persistent=False)
+        self.num_features = model.config.projection_dim
+        self.tag = "clip"
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != self.size or images.shape[-2] != self.size:
+            images = F.interpolate(images.float(), size=(self.size, self.size), mode="bicubic", antialias=True)
+        pixels = ((images.float() - self.mean) / self.std).to(self.projection.weight.dtype)
+        return self.projection(self.vision(pixel_values=pixels).pooler_output).double()
