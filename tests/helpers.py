@@ -9,6 +9,7 @@ import os
 import lightning as L
 import torch
 
+from t2i_align.callbacks.evaluation import GenerativeEvaluation
 from t2i_align.lightning_modules.finetune import Finetune, pair_batch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,3 +59,80 @@ class NaNFinetune(Finetune):
             loss = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_generator())
             return self.guard_nonfinite(loss * float("nan"))
         return super().training_step(batch, batch_idx)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+class RecordEvaluation(GenerativeEvaluation):
+    """Records, per rank and evaluation, which items it generated; logs the synced image count."""
+
+    name = "record"
+
+    def __init__(self, out_dir: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.out_dir = out_dir
+        self.passes: list[list[str]] = []
+
+    def reset(self, pl_module) -> None:
+        self.passes.append([])
+
+    def update(self, images, items, pl_module):
+        self.passes[-1] += [it.key for it in items]
+        return [{"mean": float(im.mean())} for im in images]
+
+    def compute(self, trainer, pl_module) -> dict[str, float]:
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(self.passes, f)
+        total = trainer.strategy.reduce(torch.tensor(float(len(self.passes[-1])), device=pl_module.device), reduce_op="sum")
+        return {"record/images": float(total)}
+
+
+class DumpMetrics(L.Callback):
+    """Writes ``val/...`` callback metrics after every validation, per rank (runs after the evaluators)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.rows: list[dict] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(self.rows, f)
+
+
+class ColourStats(torch.nn.Module):
+    """A cheap FID feature module for tests: per-channel mean and standard deviation of each image."""
+
+    num_features = 6
+    tag = "colourstats"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.double().flatten(2)
+        return torch.cat([x.mean(2), x.std(2)], 1)
+
+
+def save_tiny_clip(folder, seed: int = 0) -> str:
+    """A tiny random CLIP (64 px vision, the tiny tokenizer) saved like a real checkpoint folder."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from t2i_align.diffusion.tiny import TINY_TOKENIZER_DIR
+    from t2i_align.toyworld.clip_model import image_processor
+
+    tokenizer = CLIPTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        # the tokenizer's own special ids: CLIP pools the text at the first eos token
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(image_size=64, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2),
+        projection_dim=16,
+    )
+    CLIPModel(config).eval().save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor(), tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)

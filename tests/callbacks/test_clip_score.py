@@ -3,27 +3,15 @@
 import torch
 
 from t2i_align.callbacks.clip_score import backbone_name, build_clip_score, clip_score_update
+from tests.helpers import save_tiny_clip
 
 
 def test_local_clip_folder_gives_the_reference_value(tmp_path):
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPModel, CLIPProcessor
 
-    from t2i_align.diffusion.tiny import TINY_TOKENIZER_DIR
-    from t2i_align.toyworld.clip_model import image_processor
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(CLIPTokenizer.from_pretrained(TINY_TOKENIZER_DIR)), hidden_size=32,
-                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        vision_config=dict(image_size=64, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2),
-        projection_dim=16,
-    )
-    model = CLIPModel(config).eval()
     folder = tmp_path / "my-clip"  # no "openai" in the path: torchmetrics alone would refuse it
-    model.save_pretrained(folder)
-    CLIPProcessor(image_processor=image_processor(), tokenizer=CLIPTokenizer.from_pretrained(TINY_TOKENIZER_DIR)).save_pretrained(folder)
-
+    save_tiny_clip(folder)
+    model = CLIPModel.from_pretrained(folder).eval()
     images = torch.rand(5, 3, 64, 64)
     prompts = ["a red circle", "a blue square", "two stars", "a green triangle", "a cyan circle"]
     metric = build_clip_score(str(folder))
