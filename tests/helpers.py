@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 
 import lightning as L
+import numpy as np
 import torch
 
 from t2i_align.callbacks.evaluation import GenerativeEvaluation
+from t2i_align.diffusion.generator import SampleOutput
 from t2i_align.lightning_modules.finetune import Finetune, pair_batch
+from t2i_align.toyworld.world import COMPOSITIONAL, Obj, parse_prompt, place, render
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,3 +140,24 @@ def save_tiny_clip(folder, seed: int = 0) -> str:
     CLIPModel(config).eval().save_pretrained(folder)
     CLIPProcessor(image_processor=image_processor(), tokenizer=tokenizer).save_pretrained(folder)
     return str(folder)
+
+
+class RenderingGenerator:
+    """Stands in for a diffusion model: renders each prompt exactly (or with colours swapped)."""
+
+    def __init__(self, swap_colours: bool = False) -> None:
+        self.swap_colours = swap_colours
+        self.calls = []
+
+    def sample(self, prompts, seeds, **kwargs):
+        self.calls.append((list(prompts), list(seeds), kwargs))
+        images = []
+        for prompt, seed in zip(prompts, seeds):
+            scene = place(parse_prompt(prompt), COMPOSITIONAL, random.Random(seed))
+            if self.swap_colours and len(scene.objects) > 1:
+                objs = list(scene.objects)
+                colours = [o.colour for o in objs][::-1]
+                scene = type(scene)(scene.spec, tuple(Obj(o.shape, c, o.size, o.texture, o.x, o.y) for o, c in zip(objs, colours)))
+            image, _ = render(scene)
+            images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255)
+        return SampleOutput(torch.zeros(len(prompts), 4, 8, 8), torch.stack(images), None, ())

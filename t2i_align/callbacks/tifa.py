@@ -15,11 +15,14 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
+from t2i_align.callbacks.evaluation import EvalItem, GenerativeEvaluation
 from t2i_align.experts.text_embedding import Embedder
+from t2i_align.experts.vqa import BlipVQA, VQAModel
+from t2i_align.lightning_modules.base import derive_seed
 
 _REQUIRED = ("id", "caption", "question", "choices", "answer", "element_type")
 
@@ -59,11 +62,11 @@ def read_tifa_questions(path: str | Path) -> dict[str, list[TifaQuestion]]:
 
 
 def nearest_choice(answer: str, choices: Sequence[str], embed: Embedder | None) -> str:
-    """The choice ``answer`` stands for: itself if it is one, else the most cosine-similar by ``embed``."""
-    if answer in choices:
+    """The choice ``answer`` stands for: itself if it is one, else the most cosine-similar by ``embed``.
+    Without an embedder (exact VQA models such as ToyWorld's judge) a non-choice answer stays as it is,
+    so it scores 0."""
+    if answer in choices or embed is None:
         return answer
-    if embed is None:
-        raise ValueError(f"free-form answer {answer!r} is not among {list(choices)} and no embedder was given")
     vectors = embed([answer, *choices])
     sims = vectors[1:] @ vectors[0]
     return choices[int(torch.argmax(sims))]  # ties: the first choice
@@ -99,3 +102,64 @@ def tifa_report(scored: Mapping[str, Sequence[ScoredQuestion]]) -> dict:
         "accuracy_by_type": {t: sum(v) / len(v) for t, v in by_type.items()},
         "caption_scores": caption_scores,
     }
+
+
+class TIFAEvaluation(GenerativeEvaluation):
+    """TIFA during training: generate each caption of a TIFA question file, answer its questions with a
+    VQA model, and log ``tifa_<vqa>/average`` and ``tifa_<vqa>/<element type>`` (accuracy per type).
+
+    Args (besides :class:`~t2i_align.callbacks.evaluation.GenerativeEvaluation`'s; ``prompts`` is unused):
+        questions: TIFA question-answer JSON (e.g. ``tifa_v1.0_question_answers.json``; ToyWorld's build
+            writes ``prompts/eval_tifa.json``).
+        vqa: the VQA model (``class_path``): default ``t2i_align.experts.vqa.BlipVQA``; ToyWorld uses
+            ``t2i_align.toyworld.vqa.ToyVQA``.
+        embedder: snaps free-form answers to choices (``t2i_align.experts.text_embedding.SentenceEmbedder``);
+            None: answers that are not a choice score 0.
+        limit: evaluate only the first N prompts of the file.
+    """
+
+    def __init__(self, questions: str, vqa: VQAModel | None = None, embedder: Callable | None = None,
+                 limit: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.questions_path = questions
+        self.questions = dict(list(read_tifa_questions(questions).items())[:limit])
+        self.types = sorted({q.element_type for qs in self.questions.values() for q in qs})
+        self.vqa = vqa if vqa is not None else BlipVQA()
+        self.embedder = embedder
+        self.name = f"tifa_{getattr(self.vqa, 'tag', type(self.vqa).__name__.lower())}"
+
+    def load_items(self) -> list[EvalItem]:
+        return [EvalItem(f"tifa/{pid}/{k}", qs[0].caption, derive_seed(self.seed, "tifa", pid, k) % (2**31), pid)
+                for pid, qs in self.questions.items() for k in range(self.images_per_prompt)]
+
+    def settings(self) -> dict:
+        return {**super().settings(), "questions": self.questions_path, "vqa": type(self.vqa).__name__,
+                "embedder": type(self.embedder).__name__ if self.embedder else None}
+
+    def reset(self, pl_module) -> None:
+        # [sum of image scores, images, per-type correct..., per-type questions...]
+        self.totals = torch.zeros(2 + 2 * len(self.types), dtype=torch.float64)
+
+    def update(self, images: torch.Tensor, items: Sequence[EvalItem], pl_module) -> list[dict]:
+        owners = [(i, q) for i, item in enumerate(items) for q in self.questions[item.group]]
+        answers = self.vqa.answer(images[[i for i, _ in owners]], [q.question for _, q in owners])
+        scored = score_answers([q for _, q in owners], answers, self.embedder)
+        per_image: list[list[float]] = [[] for _ in items]
+        for (i, q), s in zip(owners, scored):
+            per_image[i].append(s.score)
+            t = self.types.index(q.element_type)
+            self.totals[2 + t] += s.score
+            self.totals[2 + len(self.types) + t] += 1
+        scores = [sum(v) / len(v) for v in per_image]
+        self.totals[0] += sum(scores)
+        self.totals[1] += len(scores)
+        return [{"tifa": s} for s in scores]
+
+    def compute(self, trainer, pl_module) -> dict[str, float]:
+        totals = trainer.strategy.reduce(self.totals.to(pl_module.device), reduce_op="sum").cpu()
+        n = len(self.types)
+        out = {f"{self.name}/average": float(totals[0] / totals[1])}
+        for t, name in enumerate(self.types):
+            if totals[2 + n + t] > 0:
+                out[f"{self.name}/{name}"] = float(totals[2 + t] / totals[2 + n + t])
+        return out

@@ -6,6 +6,7 @@ Layout (everything deterministic from the seed)::
     OUT/natural_val/metadata.jsonl                    held-out natural pairs (validation, FID reference)
     OUT/prompts/compositional_train.txt               compositional training prompts
     OUT/prompts/eval/<category>.txt                   evaluation prompts (T2I-CompBench-style txt)
+    OUT/prompts/eval_tifa.json                        their scene-graph questions (TIFA question-answer format)
     OUT/prompts/canonical_single.txt                  single objects in canonical colours (base-model check)
     OUT/manifest.json                                 seed, sizes and distribution parameters
 """
@@ -22,6 +23,7 @@ from t2i_align.toyworld.splits import (
     canonical_single_prompts,
     eval_prompt_sets,
     natural_scenes,
+    tifa_questions,
     training_prompts,
     write_pairs,
     write_prompts,
@@ -38,6 +40,7 @@ def build(out: str | Path, seed: int = 0, natural: int = 20000, natural_val: int
         eval_texts = {s.text() for specs in evals.values() for s in specs}
         for category, specs in evals.items():
             write_prompts(specs, tmp / "prompts" / "eval" / f"{category}.txt")
+        (tmp / "prompts" / "eval_tifa.json").write_text(json.dumps(tifa_questions(evals), indent=1) + "\n")
         write_prompts(training_prompts(seed, train_prompts, eval_texts), tmp / "prompts" / "compositional_train.txt")
         write_prompts(canonical_single_prompts(), tmp / "prompts" / "canonical_single.txt")
         scenes = natural_scenes(seed, natural + natural_val, eval_texts)

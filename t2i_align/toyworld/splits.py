@@ -188,3 +188,25 @@ def write_prompts(specs: list[PromptSpec], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(s.text() + "\n" for s in specs))
     return path
+
+
+# TIFA element types of the scene-graph questions (metrics.Question.element -> TIFA's element_type)
+TIFA_TYPES = {"object": "object", "color": "color", "size": "size", "texture": "texture", "count": "counting",
+              "spatial": "spatial"}
+COUNT_CHOICES = tuple(str(n) for n in range(9))
+
+
+def tifa_questions(sets: dict[str, list[PromptSpec]]) -> list[dict]:
+    """The evaluation prompts' scene-graph questions in TIFA's question-answer JSON format (ids
+    ``<category>_<index>``), answerable by the judge (:class:`t2i_align.toyworld.vqa.ToyVQA`)."""
+    from t2i_align.toyworld.metrics import questions
+
+    out = []
+    for category, specs in sets.items():
+        for i, spec in enumerate(specs):
+            for q in questions(spec):
+                choices = list(COUNT_CHOICES) if q.element == "count" else ["yes", "no"]
+                element = " ".join(w for w in (q.phrase.colour, q.phrase.shape) if w)
+                out.append({"id": f"{category}_{i}", "caption": spec.text(), "question": q.text, "choices": choices,
+                            "answer": q.answer, "element_type": TIFA_TYPES[q.element], "element": element})
+    return out

@@ -1,40 +1,16 @@
 """ToyWorld evaluation: scoring, per-category summaries, the Lightning callback and the grid."""
 
 import json
-import random
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 
 from t2i_align.callbacks.toyworld import ToyWorldEvaluation
-from t2i_align.diffusion.generator import SampleOutput
 from t2i_align.toyworld.evaluation import load_items, metric_keys, score_items, summarise
 from t2i_align.toyworld.judge import ToyJudge
 from t2i_align.toyworld.splits import eval_prompt_sets, write_prompts
-from t2i_align.toyworld.world import COMPOSITIONAL, Obj, parse_prompt, place, render
-
-
-class RenderingGenerator:
-    """Stands in for a diffusion model: renders each prompt exactly (or with colours swapped)."""
-
-    def __init__(self, swap_colours: bool = False) -> None:
-        self.swap_colours = swap_colours
-        self.calls = []
-
-    def sample(self, prompts, seeds, **kwargs):
-        self.calls.append((list(prompts), list(seeds), kwargs))
-        images = []
-        for prompt, seed in zip(prompts, seeds):
-            scene = place(parse_prompt(prompt), COMPOSITIONAL, random.Random(seed))
-            if self.swap_colours and len(scene.objects) > 1:
-                objs = list(scene.objects)
-                colours = [o.colour for o in objs][::-1]
-                scene = type(scene)(scene.spec, tuple(Obj(o.shape, c, o.size, o.texture, o.x, o.y) for o, c in zip(objs, colours)))
-            image, _ = render(scene)
-            images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255)
-        return SampleOutput(torch.zeros(len(prompts), 4, 8, 8), torch.stack(images), None, ())
+from tests.helpers import RenderingGenerator
 
 
 @pytest.fixture(scope="module")
