@@ -105,8 +105,9 @@ def test_noise_is_per_sample_and_batch_independent(tiny_sd):
         both = gen.sample(["a red circle", "a blue square"], [11, 12], num_inference_steps=4).images
         alone = gen.sample(["a blue square"], [12], num_inference_steps=4).images
         other = gen.sample(["a blue square"], [13], num_inference_steps=4).images
-    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(alone, other)
+    # batch-size dependent float reductions (thread count, kernels) leave ~1e-5; another seed moves pixels by > 1e-2
+    torch.testing.assert_close(both[1:], alone, atol=1e-4, rtol=1e-4)
+    assert (alone - other).abs().max() > 1e-2
     assert both.min() >= 0 and both.max() <= 1 and both.shape == (2, 3, 32, 32)
 
 
