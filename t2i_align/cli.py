@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 
+import lightning as L
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from t2i_align.datamodules.datamodule import T2IDataModule
 from t2i_align.lightning_modules.base import AlignmentModule
 
 
@@ -49,8 +49,9 @@ class RunConfigCallback(SaveConfigCallback):
 
 
 class T2ICLI(LightningCLI):
-    """LightningCLI with the project's defaults: any :class:`AlignmentModule` method, any
-    :class:`T2IDataModule`, atomic checkpoint writes and the run-folder config callback."""
+    """LightningCLI with the project's defaults: any :class:`AlignmentModule` method, any datamodule
+    (``t2i_align.datamodules.T2IDataModule`` for training, ``BenchmarkExportData`` for ``predict`` exports), atomic
+    checkpoint writes and the run-folder config callback."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunConfigCallback)
@@ -58,7 +59,7 @@ class T2ICLI(LightningCLI):
         trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
         super().__init__(
             AlignmentModule,
-            T2IDataModule,
+            L.LightningDataModule,
             *args,
             subclass_mode_model=True,
             subclass_mode_data=True,

@@ -175,15 +175,15 @@ class GenerativeEvaluation(L.Callback):
                                  step=trainer.global_step)
 
 
-def image_grid(images: Sequence[torch.Tensor], columns: int = 8):
-    """A PIL grid of B x 3 x H x W images in [0, 1]."""
+def image_grid(images: Sequence[torch.Tensor], columns: int = 8, gap: int = 2):
+    """A PIL grid of B x 3 x H x W images in [0, 1], ``gap`` white pixels apart."""
     from PIL import Image
 
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)
     h, w = images[0].shape[-2:]
-    grid = Image.new("RGB", (columns * (w + 2), rows * (h + 2)), (255, 255, 255))
+    grid = Image.new("RGB", (columns * (w + gap), rows * (h + gap)), (255, 255, 255))
     for i, img in enumerate(images):
         arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        grid.paste(Image.fromarray(arr), ((i % columns) * (w + 2), (i // columns) * (h + 2)))
+        grid.paste(Image.fromarray(arr), ((i % columns) * (w + gap), (i // columns) * (h + gap)))
     return grid

@@ -1,6 +1,7 @@
 """Data: prompt-file readers, image-caption(-mask) pairs, resumable samplers and the LightningDataModule."""
 
 from .datamodule import T2IDataModule
+from .export import BenchmarkExportData
 from .pairs import PAIR_FORMATS, PairDataset, PairFileError, PairRecord, PairSource, collate_pairs
 from .prompts import (
     PROMPT_FORMATS,
@@ -16,6 +17,7 @@ from .prompts import (
 from .sampler import ShardSampler, StreamSampler
 
 __all__ = [
+    "BenchmarkExportData",
     "PAIR_FORMATS",
     "PROMPT_FORMATS",
     "PairDataset",

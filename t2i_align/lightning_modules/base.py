@@ -53,6 +53,15 @@ class AlignmentModule(L.LightningModule):
         # Checkpoints hold trainable state only; the frozen base is reloaded from `generator.pretrained`.
         self.strict_loading = False
 
+    # ---------------------------------------------------------------------------------- prediction
+    def predict_step(self, batch, batch_idx: int) -> list[torch.Tensor]:
+        """Images of a batch of export jobs (:class:`~t2i_align.datamodules.export.BenchmarkExportData`):
+        one ``n x 3 x H x W`` tensor in [0, 1] per job (``n`` > 1 for grids)."""
+        prompts = [p for p, seeds in zip(batch["prompts"], batch["seeds"]) for _ in seeds]
+        seeds = [s for seeds in batch["seeds"] for s in seeds]
+        images = self.generator.sample(prompts, seeds, **batch["sampling"]).images.float().cpu()
+        return list(images.split([len(s) for s in batch["seeds"]]))
+
     # ------------------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.generator.trainable_parameters())

@@ -1,0 +1,181 @@
+"""Exports for the official benchmark scorers (``t2i-align predict``): the folder layouts they read and
+the datamodule of images still to render (the writer: ``t2i_align.callbacks.benchmark_export.BenchmarkWriter``).
+
+Each layout names the image file(s) of prompt ``index`` (file order) and can parse a name back; some write
+metadata next to the images. Conventions (from each benchmark's own generation scripts and READMEs):
+
+* ``t2i_compbench``: ``samples/<prompt>_<6-digit index>.png``, 10 images per prompt, the index running
+  over the whole val file in order (prompt ``i``, image ``k`` -> ``i * 10 + k``);
+* ``geneval``: ``<5-digit prompt index>/metadata.jsonl`` (the prompt's record) and
+  ``<5-digit>/samples/<4-digit k>.png``, 4 per prompt;
+* ``dpg_bench``: one 2 x 2 grid of 4 images per prompt, ``<item id>.png`` (the prompt file's stem);
+* ``tifa``: ``<id>.png`` per prompt plus ``tifa_images.json`` (``{id: image path}``, TIFA's image input);
+* ``multigen``: ``<prompt index>_<k>.png``, 10 per prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from t2i_align.datamodules.prompts import Prompt, PromptSource, read_prompts
+from t2i_align.datamodules.sampler import ShardSampler
+from t2i_align.io import atomic_path
+from t2i_align.lightning_modules.base import derive_seed
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A benchmark's layout. ``grid``: images per file side (DPG-Bench writes 2 x 2 grids)."""
+
+    name: str
+    images_per_prompt: int
+    grid: int = 1
+
+    def files(self, prompt: Prompt, index: int) -> list[str]:
+        """Relative paths of the files of prompt ``index``: one per image, or one per grid."""
+        n = self.images_per_prompt
+        if self.name == "t2i_compbench":
+            if "/" in prompt.text or "\x00" in prompt.text:
+                raise ValueError(f"prompt {prompt.source}:{prompt.id} {prompt.text!r} cannot be a file name")
+            return [f"samples/{prompt.text}_{index * n + k:06d}.png" for k in range(n)]
+        if self.name == "geneval":
+            return [f"{index:05d}/samples/{k:04d}.png" for k in range(n)]
+        if self.name == "dpg_bench":
+            return [f"{_safe_id(prompt)}.png"]
+        if self.name == "tifa":
+            return [f"{_safe_id(prompt)}.png" if n == 1 else f"{_safe_id(prompt)}_{k}.png" for k in range(n)]
+        if self.name == "multigen":
+            return [f"{index}_{k}.png" for k in range(n)]
+        raise ValueError(f"unknown layout {self.name!r}; expected one of {sorted(LAYOUTS)}")
+
+    def parse(self, relpath: str) -> tuple[str | int, int]:
+        """Inverse of :meth:`files`: (prompt text for T2I-CompBench, prompt index for GenEval/MultiGen, prompt
+        id for DPG-Bench/TIFA; image number k)."""
+        path = Path(relpath)
+        if self.name == "t2i_compbench":
+            text, number = path.stem.rsplit("_", 1)
+            return text, int(number) % self.images_per_prompt
+        if self.name == "geneval":
+            return int(path.parts[0]), int(path.stem)
+        if self.name == "multigen":
+            index, k = path.stem.split("_")
+            return int(index), int(k)
+        if self.name in ("dpg_bench", "tifa"):
+            m = re.fullmatch(r"(.+)_(\d+)", path.stem) if self.name == "tifa" and self.images_per_prompt > 1 else None
+            return (m[1], int(m[2])) if m else (path.stem, 0)
+        raise ValueError(f"unknown layout {self.name!r}")
+
+    def finalize(self, root: str | Path, prompts: Sequence[Prompt]) -> None:
+        """Write the layout's metadata files (atomically)."""
+        root = Path(root)
+        if self.name == "geneval":
+            for index, p in enumerate(prompts):
+                record = {**p.meta, "prompt": p.text}
+                target = root / f"{index:05d}" / "metadata.jsonl"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(target) as tmp:
+                    tmp.write_text(json.dumps(record) + "\n")
+        elif self.name == "tifa":
+            mapping = {p.id: str(root / self.files(p, i)[0]) for i, p in enumerate(prompts)}
+            with atomic_path(root / "tifa_images.json") as tmp:
+                tmp.write_text(json.dumps(mapping, indent=1) + "\n")
+
+
+def _safe_id(prompt: Prompt) -> str:
+    if "/" in prompt.id or not prompt.id:
+        raise ValueError(f"prompt id {prompt.id!r} of {prompt.source} cannot be a file name")
+    return prompt.id
+
+
+LAYOUTS = {
+    "t2i_compbench": Layout("t2i_compbench", 10),
+    "geneval": Layout("geneval", 4),
+    "dpg_bench": Layout("dpg_bench", 4, grid=2),
+    "tifa": Layout("tifa", 1),
+    "multigen": Layout("multigen", 10),
+}
+
+
+def get_layout(name: str, images_per_prompt: int | None = None) -> Layout:
+    """The named layout, optionally with another number of images per prompt (not for grids)."""
+    if name not in LAYOUTS:
+        raise ValueError(f"unknown layout {name!r}; expected one of {sorted(LAYOUTS)}")
+    base = LAYOUTS[name]
+    if images_per_prompt is None or images_per_prompt == base.images_per_prompt:
+        return base
+    if base.grid > 1:
+        raise ValueError(f"{name}: a {base.grid} x {base.grid} grid holds exactly {base.images_per_prompt} images")
+    return Layout(name, images_per_prompt)
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """One output file: ``len(seeds)`` images of ``prompt`` (several make a grid)."""
+
+    prompt: str
+    seeds: tuple[int, ...]
+    path: str  # absolute
+    sampling: dict
+
+
+class BenchmarkExportData(L.LightningDataModule):
+    """Every image a benchmark needs, minus those already on disk (a rerun resumes), split across ranks
+    without duplicates. Seeds depend on (seed, set, prompt id, image number) only.
+
+    Args:
+        prompts: the benchmark's prompt file (T2I-CompBench val txt, GenEval ``evaluation_metadata.jsonl``,
+            DPG-Bench ``prompts/`` folder, TIFA text inputs, MultiGen JSON).
+        layout: ``t2i_compbench`` | ``geneval`` | ``dpg_bench`` | ``tifa`` | ``multigen``.
+        output_dir: where the layout is written.
+        images_per_prompt: override the layout's default (10, 4, 4 in a grid, 1, 10).
+        num_inference_steps, guidance_scale, scheduler: sampler settings (also written to
+            ``output_dir/export.json``).
+        batch_size: output files per generation batch and rank.
+        seed: base of the per-image seeds.
+    """
+
+    def __init__(self, prompts: PromptSource, layout: str, output_dir: str, images_per_prompt: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler: str = "ddim",
+                 batch_size: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        self.source = prompts if isinstance(prompts, PromptSource) else PromptSource(**prompts)
+        self.layout = get_layout(layout, images_per_prompt)
+        self.output_dir = Path(output_dir)
+        self.sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
+        self.batch_size, self.seed = batch_size, seed
+        self.prompts = None
+        self.jobs: list[ExportJob] = []
+        self.skipped = 0
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prompts = read_prompts(self.source.path, self.source.format, self.source.name)[: self.source.limit]
+        per_file = self.layout.images_per_prompt if self.layout.grid > 1 else 1
+        jobs, skipped = [], 0
+        for index, p in enumerate(self.prompts):
+            for f, rel in enumerate(self.layout.files(p, index)):
+                target = self.output_dir / rel
+                if target.exists():  # written atomically: an existing file is complete
+                    skipped += 1
+                    continue
+                seeds = tuple(derive_seed(self.seed, p.source, p.id, f * per_file + k) % (2**31) for k in range(per_file))
+                jobs.append(ExportJob(p.text, seeds, str(target), self.sampling))
+        self.jobs, self.skipped = jobs, skipped
+
+    def predict_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return DataLoader(self.jobs, batch_size=self.batch_size, sampler=ShardSampler(len(self.jobs), world, rank),
+                          collate_fn=collate_jobs)
+
+
+def collate_jobs(jobs: list[ExportJob]) -> dict:
+    """A batch as plain containers (Lightning rebuilds dataclasses when it moves a batch to the device)."""
+    return {"prompts": [j.prompt for j in jobs], "seeds": [list(j.seeds) for j in jobs],
+            "paths": [j.path for j in jobs], "sampling": dict(jobs[0].sampling)}
