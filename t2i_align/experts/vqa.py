@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 from t2i_align.experts.base import check_images
 
@@ -43,10 +44,15 @@ class BlipVQA:
     @torch.no_grad()
     def answer(self, images: torch.Tensor, questions: Sequence[str]) -> list[str]:
         check_images(images, questions, "BlipVQA")
-        model = self.model
-        inputs = self.processor(images=list(images.float().cpu()), text=list(questions), return_tensors="pt",
-                                padding=True, do_rescale=False)
-        inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        out = model.generate(**inputs, max_new_tokens=self.max_new_tokens)
-        return [a.strip() for a in self.processor.batch_decode(out, skip_special_tokens=True)]
+        model, ip = self.model, self.processor.image_processor
+        # the image processor would go through PIL (uint8); resize and normalise the float batch directly
+        size = model.config.vision_config.image_size
+        x = images.float().to(model.device)
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        mean = torch.tensor(ip.image_mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(ip.image_std, device=x.device).view(1, 3, 1, 1)
+        text = self.processor.tokenizer(list(questions), padding=True, return_tensors="pt").to(model.device)
+        out = model.generate(pixel_values=((x - mean) / std).to(model.dtype), input_ids=text.input_ids,
+                             attention_mask=text.attention_mask, max_new_tokens=self.max_new_tokens)
+        return [a.strip() for a in self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
