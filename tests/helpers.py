@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -139,6 +140,19 @@ def save_tiny_clip(folder, seed: int = 0) -> str:
     )
     CLIPModel(config).eval().save_pretrained(folder)
     CLIPProcessor(image_processor=image_processor(), tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_captioner(folder, seed: int = 0) -> str:
+    """A tiny random ToyWorld-vocabulary BLIP captioner saved like a real checkpoint folder."""
+    from transformers import BlipProcessor
+
+    from t2i_align.toyworld import captioner as cap
+
+    tokenizer = cap.build_captioner_tokenizer(Path(folder) / "tokenizer")
+    model = cap.build_captioner(seed, vision_hidden=32, text_hidden=32, layers=2, heads=2).eval()
+    model.save_pretrained(folder)
+    BlipProcessor(image_processor=cap.image_processor(), tokenizer=tokenizer).save_pretrained(folder)
     return str(folder)
 
 

@@ -44,7 +44,7 @@ def load_clip(pretrained: str):
     from transformers import CLIPModel, CLIPProcessor
 
     def load():
-        model = CLIPModel.from_pretrained(pretrained).eval().requires_grad_(False)
+        model = CLIPModel.from_pretrained(pretrained, dtype=torch.float32).eval().requires_grad_(False)
         return _TensorFeatures(model), CLIPProcessor.from_pretrained(pretrained)
 
     return load

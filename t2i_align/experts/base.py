@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sized
 
 import torch
+import torch.nn.functional as F
 
 
 def check_images(images: torch.Tensor, per_image: Sized, who: str) -> None:
@@ -19,3 +20,14 @@ def check_images(images: torch.Tensor, per_image: Sized, who: str) -> None:
         raise ValueError(f"{who}: expected images in [0, 1], got values in [{lo:.3g}, {hi:.3g}] (a [-1, 1] batch?)")
     if len(per_image) != len(images):
         raise ValueError(f"{who}: {len(images)} images but {len(per_image)} text entries")
+
+
+def expert_pixels(images: torch.Tensor, size: int, mean, std, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Float images in [0, 1] -> an expert's input: bicubic (antialiased) resize to ``size`` x ``size`` and
+    the expert's mean/std normalisation. Differentiable: no round trip through PIL or uint8 (METHODS §0)."""
+    x = images.float()
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return ((x - m) / s).to(dtype)

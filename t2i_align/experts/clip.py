@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from t2i_align.experts.base import expert_pixels
 
 
 class CLIPImageFeatures(torch.nn.Module):
@@ -18,7 +19,7 @@ class CLIPImageFeatures(torch.nn.Module):
         super().__init__()
         from transformers import CLIPImageProcessor, CLIPModel
 
-        model = CLIPModel.from_pretrained(pretrained).eval().requires_grad_(False)
+        model = CLIPModel.from_pretrained(pretrained, dtype=torch.float32).eval().requires_grad_(False)
         self.vision, self.projection = model.vision_model, model.visual_projection
         processor = CLIPImageProcessor.from_pretrained(pretrained)
         self.size = model.config.vision_config.image_size
@@ -29,7 +30,5 @@ class CLIPImageFeatures(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-1] != self.size or images.shape[-2] != self.size:
-            images = F.interpolate(images.float(), size=(self.size, self.size), mode="bicubic", antialias=True)
-        pixels = ((images.float() - self.mean) / self.std).to(self.projection.weight.dtype)
+        pixels = expert_pixels(images, self.size, self.mean, self.std, self.projection.weight.dtype)
         return self.projection(self.vision(pixel_values=pixels).pooler_output).double()

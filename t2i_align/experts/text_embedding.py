@@ -20,7 +20,7 @@ class SentenceEmbedder:
         from transformers import AutoModel, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
-        self.model = AutoModel.from_pretrained(pretrained).to(device).eval().requires_grad_(False)
+        self.model = AutoModel.from_pretrained(pretrained, dtype=torch.float32).to(device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:

@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 
-from t2i_align.experts.base import check_images
+from t2i_align.experts.base import check_images, expert_pixels
 
 
 @runtime_checkable
@@ -37,7 +36,7 @@ class BlipVQA:
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
         self.processor = BlipProcessor.from_pretrained(pretrained)
-        self.model = BlipForQuestionAnswering.from_pretrained(pretrained, torch_dtype=getattr(torch, dtype))
+        self.model = BlipForQuestionAnswering.from_pretrained(pretrained, dtype=getattr(torch, dtype))
         self.model.to(device).eval().requires_grad_(False)
         self.max_new_tokens = max_new_tokens
 
@@ -46,13 +45,9 @@ class BlipVQA:
         check_images(images, questions, "BlipVQA")
         model, ip = self.model, self.processor.image_processor
         # the image processor would go through PIL (uint8); resize and normalise the float batch directly
-        size = model.config.vision_config.image_size
-        x = images.float().to(model.device)
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        mean = torch.tensor(ip.image_mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(ip.image_std, device=x.device).view(1, 3, 1, 1)
+        pixels = expert_pixels(images.to(model.device), model.config.vision_config.image_size, ip.image_mean,
+                               ip.image_std, model.dtype)
         text = self.processor.tokenizer(list(questions), padding=True, return_tensors="pt").to(model.device)
-        out = model.generate(pixel_values=((x - mean) / std).to(model.dtype), input_ids=text.input_ids,
+        out = model.generate(pixel_values=pixels, input_ids=text.input_ids,
                              attention_mask=text.attention_mask, max_new_tokens=self.max_new_tokens)
         return [a.strip() for a in self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -2,5 +2,6 @@
 
 from t2i_align.lightning_modules.base import AlignmentModule
 from t2i_align.lightning_modules.finetune import Finetune
+from t2i_align.lightning_modules.refl import ReFL
 
-__all__ = ["AlignmentModule", "Finetune"]
+__all__ = ["AlignmentModule", "Finetune", "ReFL"]

@@ -197,7 +197,7 @@ def train_captioner(out_dir: str | Path, steps: int, batch_size: int = 128, lr: 
 
 
 def load_captioner(model_dir: str | Path, device: str = "cpu") -> tuple[BlipForConditionalGeneration, BlipProcessor]:
-    model = BlipForConditionalGeneration.from_pretrained(model_dir).to(device).eval()
+    model = BlipForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     return model, BlipProcessor.from_pretrained(model_dir)
 
 

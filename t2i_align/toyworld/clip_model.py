@@ -138,7 +138,7 @@ def clip_quality(model_dir: str | Path, n: int = 512, seed: int = 1234, source: 
     """
     from t2i_align.toyworld.captioner import corruptions
 
-    model = CLIPModel.from_pretrained(model_dir).to(device).eval()
+    model = CLIPModel.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     tokenizer = CLIPTokenizer.from_pretrained(model_dir)
     scenes = heldout_scenes(source, seed, n)
     i2t = t2i = pairs = wins = 0

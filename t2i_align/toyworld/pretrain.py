@@ -9,7 +9,8 @@ Stages (each resumes from ``WORK_DIR/<stage>/checkpoint.pt`` when interrupted; a
 3. ``clip``      the same CLIP run continued to ``--clip-steps`` (CLIP score / reward / FID features);
 4. ``unet``      SD UNet on natural scenes only (the biased "web" distribution), frozen VAE + text encoder;
 5. ``captioner`` BLIP-format captioning model on natural + compositional renders (the I2T teacher);
-6. ``assemble``  writes ``OUT/pipeline`` (diffusers SD folder), ``OUT/clip``, ``OUT/captioner``.
+6. ``assemble``  writes ``OUT/pipeline`` (diffusers SD folder), ``OUT/clip``, ``OUT/captioner``, with weights
+                 in float16 except SD's text encoder (load CLIP and the captioner with ``dtype=torch.float32``).
 
 ``text`` comes before ``clip`` and ``unet`` so that the UNet (the longest stage) need not wait for the
 whole CLIP run: stages can run in separate processes (``--stages vae`` | ``--stages text clip captioner``).
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -51,11 +51,11 @@ def run(work: Path, out: Path, stages: list[str], steps: dict[str, int], seed: i
         elif stage == "captioner":
             captioner.train_captioner(work / "captioner", steps["captioner"], **kw)
         elif stage == "assemble":
+            from transformers import BlipForConditionalGeneration, CLIPModel
+
             pretrain_sd.assemble_pipeline(out / "pipeline", work / "vae" / "model", text_dir, work / "unet" / "model")
-            for name in ("clip", "captioner"):
-                if (out / name).exists():
-                    shutil.rmtree(out / name)
-                shutil.copytree(work / name / "model", out / name)
+            for name, model_class in (("clip", CLIPModel), ("captioner", BlipForConditionalGeneration)):
+                pretrain_sd.save_half(work / name / "model", out / name, model_class)
         print(f"[{stage}] {time.time() - start:.0f} s", flush=True)
 
 

@@ -10,6 +10,7 @@ are never trained on.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -170,13 +171,19 @@ def export_text_encoder(clip_dir: str | Path, out_dir: str | Path) -> Path:
     return Path(out_dir)
 
 
-def assemble_pipeline(out_dir: str | Path, vae_dir: str | Path, text_dir: str | Path, unet_dir: str | Path) -> Path:
-    """Write an SD-format folder that ``StableDiffusionPipeline.from_pretrained`` loads."""
+def assemble_pipeline(out_dir: str | Path, vae_dir: str | Path, text_dir: str | Path, unet_dir: str | Path,
+                      half: bool = True) -> Path:
+    """Write an SD-format folder that ``StableDiffusionPipeline.from_pretrained`` loads.
+
+    ``half`` stores the UNet and VAE weights in float16 (the committed models must fit in 30 MB); diffusers
+    loads them back as float32 unless asked otherwise. The text encoder stays float32: transformers 5 loads
+    a checkpoint in its stored dtype by default, and a float16 text encoder would not match a float32 UNet."""
+    weights = torch.float16 if half else torch.float32
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(vae_dir),
-        text_encoder=CLIPTextModel.from_pretrained(text_dir),
+        vae=AutoencoderKL.from_pretrained(vae_dir).to(weights),
+        text_encoder=CLIPTextModel.from_pretrained(text_dir, dtype=torch.float32),
         tokenizer=CLIPTokenizer.from_pretrained(text_dir),
-        unet=UNet2DConditionModel.from_pretrained(unet_dir),
+        unet=UNet2DConditionModel.from_pretrained(unet_dir).to(weights),
         scheduler=PNDMScheduler(**sd_scheduler_config(), skip_prk_steps=True, set_alpha_to_one=False),
         safety_checker=None,
         feature_extractor=None,
@@ -185,6 +192,16 @@ def assemble_pipeline(out_dir: str | Path, vae_dir: str | Path, text_dir: str | 
     with atomic_path(out_dir, is_dir=True) as tmp:
         pipe.save_pretrained(tmp)
         (tmp / "toyworld.json").write_text(json.dumps({"image_size": IMAGE_SIZE}) + "\n")
+    return Path(out_dir)
+
+
+def save_half(model_dir: str | Path, out_dir: str | Path, model_class: type) -> Path:
+    """Copy a transformers model folder with its weights in float16 (tokenizer / processor files as they are).
+    Load it back with ``dtype=torch.float32``: transformers 5 otherwise keeps the stored dtype."""
+    model_dir = Path(model_dir)
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        shutil.copytree(model_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+        model_class.from_pretrained(model_dir, dtype=torch.float16).save_pretrained(tmp)
     return Path(out_dir)
 
 

@@ -1,0 +1,128 @@
+"""``ReFL``: reward feedback learning (ImageReward) as used by RealignDiff's coarse stage.
+
+One training step (METHODS.md §1):
+
+1. sample the batch's prompts with the ``refl`` gradient policy: steps ``0 .. m-1`` without gradient,
+   ``m ~ U[min_step, max_step]``, one UNet call with gradient at step ``m``, then x0 predicted in one
+   step from x_m and decoded to images in [0, 1];
+2. reward loss ``reward_weight * phi(r)``, ``r = reward(images, prompts)``;
+3. the pre-training loss L_pre (plain noise prediction) on a batch of real image-caption pairs,
+   summed with the reward loss every step or alternated with it (``pretrain_loss``).
+
+``phi``: ``relu_margin`` is ImageReward's code, ``ReLU(margin - r)`` (margin 2). RealignDiff Eq. 5
+writes "phi is the ReLU" applied to the reward itself; minimising ReLU(r) would *lower* the reward,
+so the ReLU is read as ImageReward's hinge. ``linear`` is ``-r``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from t2i_align.diffusion.policies import ReFL as ReFLPolicy
+from t2i_align.lightning_modules.finetune import Finetune
+from t2i_align.rewards.base import Reward
+
+
+def prompt_list(batch: dict) -> list[str]:
+    """The prompts of a training batch (prompts only, or ``{"prompts": ..., "pairs": ...}``)."""
+    prompts = batch.get("prompts")
+    if isinstance(prompts, dict):
+        prompts = prompts.get("prompts")
+    if prompts is None:
+        raise ValueError("ReFL needs training prompts: set data.init_args.train_prompts")
+    return list(prompts)
+
+
+class ReFL(Finetune):
+    """Args (besides :class:`AlignmentModule`'s):
+        reward: the reward model (``class_path``), e.g. :class:`~t2i_align.rewards.CaptionReward` with
+            ``differentiable: true``. It must be differentiable in the pixels.
+        reward_weight: lambda (1e-3 in ImageReward and RealignDiff).
+        reward_loss: ``relu_margin`` (ReLU(margin - r)) or ``linear`` (-r).
+        margin: the hinge of ``relu_margin`` (2.0 as in ImageReward's code).
+        num_inference_steps: T of the sampling chain (ImageReward's code 40, RealignDiff 50).
+        min_step, max_step: the window of the grad step m (ImageReward: [30, 39] of 40).
+        scheduler: sampler of the chain (``ddpm`` as in ImageReward's code, or ``ddim``).
+        guidance_scale: CFG while sampling (1.0: none, as in ImageReward's code).
+        pretrain_loss: ``sum`` (reward loss + L_pre every step), ``alternate`` (odd batches reward, even
+            batches L_pre) or ``none`` (no L_pre: images drift from the base model's, METHODS §1).
+        pretrain_weight: weight of L_pre.
+    """
+
+    def __init__(
+        self,
+        *args,
+        reward: Reward,
+        reward_weight: float = 1e-3,
+        reward_loss: Literal["relu_margin", "linear"] = "relu_margin",
+        margin: float = 2.0,
+        num_inference_steps: int = 40,
+        min_step: int = 30,
+        max_step: int = 39,
+        scheduler: Literal["ddpm", "ddim"] = "ddpm",
+        guidance_scale: float = 1.0,
+        pretrain_loss: Literal["sum", "alternate", "none"] = "sum",
+        pretrain_weight: float = 1.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if not reward.differentiable:
+            raise ValueError(f"ReFL needs a reward whose gradient reaches the pixels; {type(reward).__name__} is not "
+                             "differentiable (CaptionReward: set differentiable: true)")
+        if reward_loss not in ("relu_margin", "linear"):
+            raise ValueError(f"reward_loss must be 'relu_margin' or 'linear', got {reward_loss!r}")
+        if pretrain_loss not in ("sum", "alternate", "none"):
+            raise ValueError(f"pretrain_loss must be 'sum', 'alternate' or 'none', got {pretrain_loss!r}")
+        self.reward = reward.requires_grad_(False).eval()
+        self.reward_weight, self.reward_loss, self.margin = reward_weight, reward_loss, margin
+        self.policy = ReFLPolicy(min_step, max_step)
+        if max_step >= num_inference_steps:
+            raise ValueError(f"max_step={max_step} must be < num_inference_steps={num_inference_steps}")
+        self.sampling = dict(num_inference_steps=num_inference_steps, scheduler=scheduler, guidance_scale=guidance_scale)
+        self.pretrain_loss, self.pretrain_weight = pretrain_loss, pretrain_weight
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.reward.eval()  # a frozen expert: no dropout, whatever Lightning sets
+        return self
+
+    # ---------------------------------------------------------------------------------- losses
+    def phi(self, rewards: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.margin - rewards) if self.reward_loss == "relu_margin" else -rewards
+
+    def refl_loss(self, prompts: list[str], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(reward loss, rewards, grad step m) for one batch of prompts; noise and m come from ``generator``."""
+        seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator).tolist()
+        out = self.generator.sample(prompts, seeds, policy=self.policy, policy_generator=generator, **self.sampling)
+        rewards = self.reward(out.images, prompts)
+        return self.reward_weight * self.phi(rewards).mean(), rewards, out.plan_grad_steps[0]
+
+    def training_step(self, batch: dict, batch_idx: int):
+        # batches_started is 1 at the first batch: alternate starts with the reward
+        reward_turn = self.pretrain_loss != "alternate" or self.batches_started % 2 == 1
+        pre_turn = self.pretrain_loss == "sum" or (self.pretrain_loss == "alternate" and not reward_turn)
+        gen = self.step_generator()
+        loss = torch.zeros((), device=self.device)
+        logs = {}
+        if reward_turn:
+            prompts = prompt_list(batch)
+            reward_loss, rewards, m = self.refl_loss(prompts, gen)
+            loss = loss + reward_loss
+            logs.update({"train/reward": rewards.detach().mean(), "train/reward_loss": reward_loss.detach(),
+                         "train/refl_step": float(m)})
+        if pre_turn:
+            if "pairs" not in batch:
+                raise ValueError("ReFL with pretrain_loss='%s' needs real image-caption pairs for L_pre: set "
+                                 "data.init_args.train_pairs (or pretrain_loss: none)" % self.pretrain_loss)
+            pairs = batch["pairs"]
+            pre = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], gen)
+            loss = loss + self.pretrain_weight * pre
+            logs["train/pretrain_loss"] = pre.detach()
+        loss = self.guard_nonfinite(loss)
+        if loss is not None:
+            self.log("train/loss", loss, prog_bar=True, batch_size=1)
+            for key, value in logs.items():
+                self.log(key, value, batch_size=1)
+        return loss

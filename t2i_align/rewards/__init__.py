@@ -1,0 +1,7 @@
+"""Rewards ``(images in [0, 1], prompts) -> Tensor[B]`` for ReFL, ARL and evaluation (pick one by ``class_path``)."""
+
+from t2i_align.rewards.base import Reward, WeightedSum
+from t2i_align.rewards.caption import CaptionReward
+from t2i_align.rewards.clip import CLIPReward
+
+__all__ = ["CLIPReward", "CaptionReward", "Reward", "WeightedSum"]
