@@ -68,3 +68,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO does not take storage_options for local paths")
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
+
+
+def save_png(image, path: str | os.PathLike) -> Path:
+    """Write a ``3 x H x W`` float tensor in [0, 1] (or a PIL image) as a PNG, atomically."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        image = Image.fromarray(array)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path

@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from t2i_align.io import atomic_path
+from t2i_align.io import atomic_path, save_png
 
 
 class BenchmarkWriter(BasePredictionWriter):
@@ -21,21 +20,15 @@ class BenchmarkWriter(BasePredictionWriter):
         self.written = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        from PIL import Image
-
         from t2i_align.callbacks.evaluation import image_grid
 
         for path, images in zip(batch["paths"], prediction):
             if len(images) == 1:
-                arr = (images[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-                picture = Image.fromarray(arr)
+                picture = images[0]
             else:
                 side = int(round(len(images) ** 0.5))
                 picture = image_grid(list(images.cpu()), columns=side, gap=0)
-            target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(target) as tmp:
-                picture.save(tmp, format="PNG")
+            save_png(picture, path)
             self.written += 1
 
     def on_predict_end(self, trainer, pl_module) -> None:

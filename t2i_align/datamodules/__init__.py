@@ -3,6 +3,7 @@
 from .datamodule import T2IDataModule
 from .export import BenchmarkExportData
 from .pairs import PAIR_FORMATS, PairDataset, PairFileError, PairRecord, PairSource, collate_pairs
+from .ranked import RankedPairsData
 from .prompts import (
     PROMPT_FORMATS,
     Prompt,
@@ -18,6 +19,7 @@ from .sampler import ShardSampler, StreamSampler
 
 __all__ = [
     "BenchmarkExportData",
+    "RankedPairsData",
     "PAIR_FORMATS",
     "PROMPT_FORMATS",
     "PairDataset",

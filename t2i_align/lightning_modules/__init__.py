@@ -1,7 +1,8 @@
 """Methods: one LightningModule per file on top of :class:`~t2i_align.lightning_modules.base.AlignmentModule`."""
 
+from t2i_align.lightning_modules.arl import ARL
 from t2i_align.lightning_modules.base import AlignmentModule
 from t2i_align.lightning_modules.finetune import Finetune
 from t2i_align.lightning_modules.refl import ReFL
 
-__all__ = ["AlignmentModule", "Finetune", "ReFL"]
+__all__ = ["ARL", "AlignmentModule", "Finetune", "ReFL"]
