@@ -3,5 +3,6 @@
 from t2i_align.rewards.base import Reward, WeightedSum
 from t2i_align.rewards.caption import CaptionReward
 from t2i_align.rewards.clip import CLIPReward
+from t2i_align.rewards.sam import SAMReward
 
-__all__ = ["CLIPReward", "CaptionReward", "Reward", "WeightedSum"]
+__all__ = ["CLIPReward", "CaptionReward", "Reward", "SAMReward", "WeightedSum"]
