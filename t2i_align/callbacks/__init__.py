@@ -1,5 +1,6 @@
-"""Lightning callbacks: weight export (evaluation callbacks come with the evaluation issue)."""
+"""Lightning callbacks: weight export, EMA of the trainable weights; evaluation callbacks live in their own modules."""
 
+from t2i_align.callbacks.ema import TrainableEMA
 from t2i_align.callbacks.export import ExportWeights
 
-__all__ = ["ExportWeights"]
+__all__ = ["ExportWeights", "TrainableEMA"]

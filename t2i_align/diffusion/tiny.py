@@ -84,3 +84,28 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, prediction_type: str = "
     )
     pipe.save_pretrained(path)
     return Path(path)
+
+
+def save_random_sd15(path: str | Path, seed: int = 0) -> Path:
+    """An SD1.5-architecture pipeline (860 M UNet, CLIP ViT-L/14 text tower, SD VAE) with random weights, for
+    timing and memory benchmarks without network: it costs exactly what the real model costs. The tokenizer is
+    the tiny one (token ids stay below SD's vocabulary size)."""
+    tokenizer = CLIPTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+    )
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD1.5's config
+    components = build_tiny_components(seed)
+    pipe = StableDiffusionPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=components["scheduler"],
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return Path(path)
