@@ -61,7 +61,9 @@ def build_tiny_components(seed: int = 0, prediction_type: str = "epsilon") -> di
         norm_num_groups=16,
     )
     # The scheduler config of SD1.5 (a PNDM scheduler with these settings), so samplers derive alike.
-    scheduler = PNDMScheduler(
+    # clip_sample=False is in SD1.5's scheduler_config.json (PNDM ignores it; DDIM/DDPM built from this config
+    # would otherwise clip latents to [-1, 1]); from_config keeps it in the saved config
+    scheduler = PNDMScheduler.from_config(dict(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -70,7 +72,8 @@ def build_tiny_components(seed: int = 0, prediction_type: str = "epsilon") -> di
         set_alpha_to_one=False,
         steps_offset=1,
         prediction_type=prediction_type,
-    )
+        clip_sample=False,
+    ))
     return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler}
 
 

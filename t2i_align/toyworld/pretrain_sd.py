@@ -98,9 +98,13 @@ def build_unet(cross_attention_dim: int, seed: int = 0) -> UNet2DConditionModel:
 
 
 def sd_scheduler_config() -> dict:
-    """SD1.5's noise schedule (scaled-linear betas 0.00085..0.012, 1000 steps, epsilon prediction)."""
+    """SD1.5's noise schedule (scaled-linear betas 0.00085..0.012, 1000 steps, epsilon prediction).
+
+    ``clip_sample=False`` as in SD1.5's scheduler_config.json: DDIM and DDPM default to clipping the x0
+    prediction to [-1, 1], which latents (std 1, some channels wider) do not respect; with clipping, samples
+    lose their colours."""
     return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                steps_offset=1, prediction_type="epsilon")
+                steps_offset=1, prediction_type="epsilon", clip_sample=False)
 
 
 class UNetWithEMA(torch.nn.Module):
@@ -184,7 +188,8 @@ def assemble_pipeline(out_dir: str | Path, vae_dir: str | Path, text_dir: str | 
         text_encoder=CLIPTextModel.from_pretrained(text_dir, dtype=torch.float32),
         tokenizer=CLIPTokenizer.from_pretrained(text_dir),
         unet=UNet2DConditionModel.from_pretrained(unet_dir).to(weights),
-        scheduler=PNDMScheduler(**sd_scheduler_config(), skip_prk_steps=True, set_alpha_to_one=False),
+        # from_config keeps clip_sample in the saved config (PNDM itself has no such argument), as SD1.5's does
+        scheduler=PNDMScheduler.from_config({**sd_scheduler_config(), "skip_prk_steps": True, "set_alpha_to_one": False}),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

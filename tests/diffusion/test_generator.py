@@ -111,6 +111,18 @@ def test_noise_is_per_sample_and_batch_independent(tiny_sd):
     assert both.min() >= 0 and both.max() <= 1 and both.shape == (2, 3, 32, 32)
 
 
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_samplers_do_not_clip_latents(tiny_sd, kind):
+    """SD configs say clip_sample=false; DDIM/DDPM default to clipping x0 to [-1, 1], which wipes out latent
+    content beyond that range (ToyWorld samples lost their colours this way)."""
+    generator = Generator(GeneratorConfig(pretrained=tiny_sd, lora=None))
+    scheduler = generator.make_scheduler(kind, 10)
+    t = scheduler.timesteps[-2]  # a late step: x0 ~ x_t
+    x = torch.full((1, 4, 2, 2), 3.0)
+    out = scheduler.step(torch.zeros_like(x), t, x, generator=torch.Generator().manual_seed(0))
+    assert out.pred_original_sample.min() > 2.9  # not clipped to 1
+
+
 def test_ddpm_and_ddim_both_sample_and_differ(tiny_sd):
     gen = make(tiny_sd)
     with torch.no_grad():
