@@ -131,8 +131,9 @@ class LoopConfig:
     lr: float
     seed: int = 0
     warmup: int = 100
-    schedule: str = "constant"  # constant | cosine
+    schedule: str = "constant"  # constant | cosine | hold_cosine
     decay_steps: int | None = None
+    decay_start: int | None = None  # hold_cosine: constant until here, then cosine to 0 at ``steps``
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     checkpoint_every: int = 200
@@ -144,7 +145,9 @@ class LoopConfig:
 
 
 def lr_at(cfg: LoopConfig, step: int) -> float:
-    """Linear warmup, then constant or cosine decay to 0 at ``decay_steps``: a function of the step only."""
+    """Linear warmup, then constant, cosine decay to 0 at ``decay_steps``, or constant until ``decay_start`` and
+    cosine to 0 at ``steps`` (``hold_cosine``, so a constant run can be extended by a decay phase): a function
+    of the step only."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
@@ -153,6 +156,11 @@ def lr_at(cfg: LoopConfig, step: int) -> float:
         horizon = max((cfg.decay_steps or cfg.steps) - cfg.warmup, 1)
         progress = min((step - cfg.warmup) / horizon, 1.0)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "hold_cosine":
+        start = cfg.steps if cfg.decay_start is None else cfg.decay_start
+        if step < start:
+            return cfg.lr
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min((step - start) / max(cfg.steps - start, 1), 1.0)))
     raise ValueError(f"unknown schedule {cfg.schedule!r}")
 
 

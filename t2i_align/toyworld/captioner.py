@@ -170,7 +170,8 @@ def caption_log_likelihood(model: BlipForConditionalGeneration, processor: BlipP
 
 def train_captioner(out_dir: str | Path, steps: int, batch_size: int = 128, lr: float = 5e-4, seed: int = 0,
                     device: str = "cpu", checkpoint_every: int = 200, log_every: int = 50, warmup: int = 200,
-                    schedule: str = "constant", decay_steps: int | None = None, num_workers: int = 0,
+                    schedule: str = "constant", decay_steps: int | None = None, decay_start: int | None = None,
+                    num_workers: int = 0,
                     world_seed: int = 0, vision_hidden: int = 128, text_hidden: int = 128) -> Path:
     """Train (or resume) the captioner in ``out_dir`` (mean token NLL of each scene's own caption); returns
     the ``save_pretrained`` folder (model + ``BlipProcessor``)."""
@@ -178,7 +179,7 @@ def train_captioner(out_dir: str | Path, steps: int, batch_size: int = 128, lr: 
     tokenizer = build_captioner_tokenizer(out_dir / "tokenizer")
     processor = BlipProcessor(image_processor=image_processor(), tokenizer=tokenizer)
     cfg = LoopConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, warmup=warmup, schedule=schedule,
-                     decay_steps=decay_steps, checkpoint_every=checkpoint_every, log_every=log_every,
+                     decay_steps=decay_steps, decay_start=decay_start, checkpoint_every=checkpoint_every, log_every=log_every,
                      num_workers=num_workers, world_seed=world_seed, device=device)
 
     def loss_fn(model: BlipForConditionalGeneration, images: torch.Tensor, captions: list[str]) -> torch.Tensor:

@@ -303,3 +303,12 @@ def test_caption_accuracy_compares_scenes_not_strings():
     assert cap.caption_matches("circle circle left", scene) == {"parsed": False, "satisfied": False, "exact": False}
     acc = cap.caption_accuracy([scene, scene], [scene.caption, "a red circle"])
     assert acc == {"caption_parsed": 1.0, "caption_satisfied": 1.0, "caption_exact": 0.5}
+
+
+def test_hold_cosine_schedule_extends_a_constant_run_with_a_decay():
+    from t2i_align.toyworld.batches import LoopConfig, lr_at
+
+    held = LoopConfig(6000, 8, 5e-4, warmup=200, schedule="hold_cosine", decay_start=4000)
+    constant = LoopConfig(4000, 8, 5e-4, warmup=200)
+    assert [lr_at(held, s) for s in range(0, 4000, 37)] == [lr_at(constant, s) for s in range(0, 4000, 37)]
+    assert lr_at(held, 5000) == pytest.approx(2.5e-4) and lr_at(held, 5999) < 1e-9
