@@ -16,6 +16,7 @@ to ``<default_root_dir>/samples/<name>/step_<N>.png`` as a grid and, with a W&B 
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -140,9 +141,12 @@ class GenerativeEvaluation(L.Callback):
             for logger in trainer.loggers:
                 logger.log_hyperparams({f"eval/{self.name}": self.settings()})
             self._settings_logged = True
+        start = time.perf_counter()
         metrics = self.run(trainer, pl_module)
-        # identical on all ranks after compute(): no further sync
+        # identical on all ranks after compute(): no further sync. The pass's wall time (rank 0's, which
+        # waited for every rank in compute()) is logged beside the metrics as the cost of an evaluation.
         pl_module.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        pl_module.log(f"{prefix}/{self.name}/seconds", time.perf_counter() - start, sync_dist=False)
         return metrics
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

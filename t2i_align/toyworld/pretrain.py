@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 STAGES = ("vae", "text", "clip", "unet", "captioner", "assemble")
-DEFAULT_STEPS = {"vae": 3000, "text": 1000, "clip": 2000, "unet": 15000, "captioner": 6000}
+DEFAULT_STEPS = {"vae": 3000, "text": 1000, "clip": 2000, "unet": 12000, "captioner": 6000}
 
 
 def run(work: Path, out: Path, stages: list[str], steps: dict[str, int], seed: int, device: str,

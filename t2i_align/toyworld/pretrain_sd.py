@@ -116,11 +116,14 @@ class UNetWithEMA(torch.nn.Module):
         self.ema.load_state_dict(unet.state_dict())
 
 
-def train_unet(out_dir: str | Path, vae_dir: str | Path, text_dir: str | Path, steps: int = 15000, batch_size: int = 64,
+def train_unet(out_dir: str | Path, vae_dir: str | Path, text_dir: str | Path, steps: int = 12000, batch_size: int = 64,
                lr: float = 3e-4, ema_decay: float = 0.999, seed: int = 0, device: str = "cpu", num_workers: int = 0,
-               checkpoint_every: int = 250, log_every: int = 50) -> Path:
+               checkpoint_every: int = 250, log_every: int = 50, schedule: str = "hold_cosine",
+               decay_start: int | None = None) -> Path:
     """Noise-prediction training on NATURAL scenes only (the biased "web" distribution) with the frozen VAE
-    and CLIP text tower; 10 % empty captions for CFG. Returns ``out_dir/model`` (the EMA weights)."""
+    and CLIP text tower; 10 % empty captions for CFG. Returns ``out_dir/model`` (the EMA weights).
+
+    The learning rate is constant for the first two thirds (``decay_start``), then cosine to 0."""
     vae = AutoencoderKL.from_pretrained(vae_dir).to(device).requires_grad_(False).eval()
     text_encoder = CLIPTextModel.from_pretrained(text_dir).to(device).requires_grad_(False).eval()
     tokenizer = CLIPTokenizer.from_pretrained(text_dir)
@@ -158,8 +161,10 @@ def train_unet(out_dir: str | Path, vae_dir: str | Path, text_dir: str | Path, s
     def save_final(model, path):
         model.ema.to("cpu").save_pretrained(path)
 
-    cfg = LoopConfig(steps, batch_size, lr, seed, warmup=200, weight_decay=1e-2, device=device, num_workers=num_workers,
-                     checkpoint_every=checkpoint_every, log_every=log_every, natural_share=1.0)
+    cfg = LoopConfig(steps, batch_size, lr, seed, warmup=200, schedule=schedule,
+                     decay_start=2 * steps // 3 if decay_start is None else decay_start, weight_decay=1e-2,
+                     device=device, num_workers=num_workers, checkpoint_every=checkpoint_every, log_every=log_every,
+                     natural_share=1.0)
     model = UNetWithEMA(build_unet(dim, seed), build_unet(dim, seed))
     return train_loop(out_dir, model, loss_fn, save_final, "unet", cfg, after_step=update_ema)
 

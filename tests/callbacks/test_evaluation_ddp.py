@@ -57,6 +57,11 @@ def test_evaluation_under_ddp(tiny_sd, tiny_pairs, tmp_path):
 
     rows = [json.loads((ddp / "metrics" / f"rank{r}.json").read_text()) for r in (0, 1)]
     single = json.loads((runs["single"] / "metrics" / "rank0.json").read_text())
+    for row in rows[0]:  # each pass's cost is logged beside its metrics (wall times differ between ranks)
+        assert {k for k in row if k.endswith("/seconds")} == {
+            "val/record/seconds", "val/fid5_colourstats6/seconds", "val/clip_tiny_x100/seconds"}
+        assert all(row[k] > 0 for k in row if k.endswith("/seconds"))
+    rows = [[{k: v for k, v in row.items() if not k.endswith("/seconds")} for row in rank] for rank in rows]
     assert rows[0] == rows[1]  # the same numbers on both ranks
     for got, want in zip(rows[0], single):
         assert got["val/record/images"] == 5.0

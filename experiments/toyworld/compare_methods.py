@@ -1,0 +1,136 @@
+"""Compare alignment methods on ToyWorld at the same budget and write a results table.
+
+    python -m t2i_align.toyworld.build .cache/toyworld --natural 2000 --natural-val 512
+    python experiments/toyworld/compare_methods.py --out experiments/results/toyworld_methods
+
+1. Each method's experiment config is trained with ``t2i-align fit --config <config>`` (skipped when its
+   ``runs/<name>/toy_eval.json`` already exists; ``--retrain`` forces it). The configs share the base
+   pipeline, the number of generator updates (200) and of images per update (16).
+2. The base pipeline and each run's ``last.ckpt`` are evaluated with ``t2i-align validate`` stacked with
+   ``configs/eval/toyworld.yaml``: the toy metrics on the compositional evaluation prompts, FID on ToyWorld
+   CLIP features (natural validation captions against their renders: is image quality kept?), CLIP score
+   and TIFA with the judge. The base model is the "before" of every method (all start from it); the toy
+   metrics each fit run measured itself before and after training (``toy_eval.json``) are checked against
+   these: the same seeds must give the same numbers.
+3. ``<out>.json`` holds every metric, the commands and their wall times; ``<out>.md`` the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from t2i_align.io import atomic_path
+
+EVAL_CONFIG = "configs/eval/toyworld.yaml"
+# name -> (experiment config, run folder): the run folder is the config's trainer.default_root_dir
+METHODS = {
+    "Finetune": ("configs/experiment/toyworld_demo.yaml", "runs/toyworld_demo"),
+    "ReFL (caption reward)": ("configs/experiment/toyworld_refl_caption.yaml", "runs/toyworld_refl_caption"),
+    "ReFL (CLIP reward)": ("configs/experiment/toyworld_refl_clip.yaml", "runs/toyworld_refl_clip"),
+    "ARL": ("configs/experiment/toyworld_arl.yaml", "runs/toyworld_arl"),
+}
+CATEGORIES = ("color_binding", "shape", "texture", "size", "spatial", "counting", "multi_object")
+SUMMARY = ("all_clauses", "object_accuracy", "mg2", "mg3", "mg4", "tifa")
+CONSISTENCY_TOLERANCE = 1e-3
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """``last.ckpt`` of the newest logger version of ``run_dir`` (the fit this script just ran or found)."""
+    found = sorted(run_dir.glob("logs/version_*/checkpoints/last.ckpt"), key=lambda p: int(p.parts[-3].split("_")[1]))
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no logs/version_*/checkpoints/last.ckpt (did the fit finish?)")
+    return found[-1]
+
+
+def fit(config: str, run_dir: Path, retrain: bool, extra: list[str]) -> dict:
+    report = run_dir / "toy_eval.json"
+    command = ["t2i-align", "fit", "--config", config, *extra]
+    seconds = None
+    if retrain or not report.exists():
+        start = time.time()
+        subprocess.run(command, check=True)
+        seconds = round(time.time() - start, 1)
+    return {"command": " ".join(command), "seconds": seconds, "toy_eval": json.loads(report.read_text())}
+
+
+def validate(config: str, ckpt: Path | None, root: Path) -> dict:
+    """Every metric of ``configs/eval/toyworld.yaml`` for ``config``'s model (``ckpt``: trained weights)."""
+    from t2i_align.cli import T2ICLI
+
+    args = ["--config", config, "--config", EVAL_CONFIG, "--trainer.logger=false", f"--trainer.default_root_dir={root}"]
+    command = " ".join(["t2i-align", "validate", *args] + ([f"--ckpt_path={ckpt}"] if ckpt else []))
+    start = time.time()
+    cli = T2ICLI(args=args, run=False)
+    [metrics] = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    return {"command": command, "seconds": round(time.time() - start, 1),
+            "metrics": {k.removeprefix("val/"): float(v) for k, v in metrics.items()}}
+
+
+def check_consistency(name: str, toy: dict[str, float], metrics: dict[str, float]) -> None:
+    """The fit run's own toy metrics must equal the validate pass's (same prompts, seeds and weights)."""
+    bad = {k: (v, metrics.get(f"toy/{k}")) for k, v in toy.items()
+           if f"toy/{k}" not in metrics or abs(metrics[f"toy/{k}"] - v) > CONSISTENCY_TOLERANCE}
+    if bad:
+        raise RuntimeError(f"{name}: toy metrics of the fit and of validate differ: {bad}")
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    columns = ["Base", *results["methods"]]
+    metrics = {"Base": results["base"]["metrics"], **{n: r["validate"]["metrics"] for n, r in results["methods"].items()}}
+    fid_key = next(k for k in metrics["Base"] if k.startswith("fid") and not k.endswith("/seconds"))
+    clip_key = next(k for k in metrics["Base"] if k.startswith("clip_") and not k.endswith("/seconds"))
+    rows: list[tuple[str, str, int]] = [(f"toy/{k}", f"{k} (mean over categories)", 3) for k in SUMMARY]
+    rows += [(f"toy/{c}/all_clauses", f"{c}: all_clauses", 3) for c in CATEGORIES]
+    rows += [(f"toy/{c}/object_accuracy", f"{c}: object_accuracy", 3) for c in CATEGORIES]
+    rows += [("tifa_toyjudge/average", "TIFA (judge as VQA, first 32 prompts)", 3),
+             (clip_key, f"CLIP score ({clip_key})", 2), (fid_key, f"FID ({fid_key}), lower is better", 2)]
+    lines = ["| Metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for key, label, digits in rows:
+        lines.append(f"| {label} | " + " | ".join(fmt(metrics[c].get(key), digits) for c in columns) + " |")
+    train = ["–"] + [fmt(r["fit"]["seconds"], 0) if r["fit"]["seconds"] is not None else "(existing run)"
+                     for r in results["methods"].values()]
+    lines.append("| training wall time (s) | " + " | ".join(train) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--out", type=Path, default=Path("experiments/results/toyworld_methods"))
+    p.add_argument("--retrain", action="store_true", help="fit again even if the run folder has a toy_eval.json")
+    p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
+                   help="overrides for every fit (smoke runs only: the table compares the configs' own budget)")
+    a = p.parse_args(argv)
+
+    base_config = METHODS["Finetune"][0]  # its LoRA starts at zero: validate without a checkpoint = the base
+    results: dict = {"base": validate(base_config, None, Path("runs/compare/base")), "fit_args": a.fit_args,
+                     "methods": {}}
+    for name in a.methods:
+        config, run_dir = METHODS[name]
+        trained = fit(config, Path(run_dir), a.retrain, a.fit_args)
+        ckpt = last_checkpoint(Path(run_dir))
+        evaluated = validate(config, ckpt, Path("runs/compare") / Path(run_dir).name)
+        check_consistency(f"{name} before", trained["toy_eval"]["before"], results["base"]["metrics"])
+        check_consistency(f"{name} after", trained["toy_eval"]["after"], evaluated["metrics"])
+        results["methods"][name] = {"config": config, "checkpoint": str(ckpt), "fit": trained, "validate": evaluated}
+        print(f"{name}: done", file=sys.stderr, flush=True)
+
+    table = markdown(results)
+    for suffix, text in ((".json", json.dumps(results, indent=2) + "\n"), (".md", table)):
+        with atomic_path(a.out.with_suffix(suffix)) as tmp:
+            tmp.write_text(text)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The ToyWorld method-comparison script's bookkeeping: which checkpoint it evaluates, the fit/validate
+consistency check, and the table (the training and evaluation themselves are the CLI's, tested elsewhere)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def script():
+    path = Path(REPO_ROOT) / "experiments" / "toyworld" / "compare_methods.py"
+    spec = importlib.util.spec_from_file_location("compare_methods", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_newest_version_checkpoint_is_evaluated(script, tmp_path):
+    with pytest.raises(FileNotFoundError, match="last.ckpt"):
+        script.last_checkpoint(tmp_path)
+    for version in (2, 10, 9):
+        folder = tmp_path / "logs" / f"version_{version}" / "checkpoints"
+        folder.mkdir(parents=True)
+        (folder / "last.ckpt").write_bytes(b"")
+    assert script.last_checkpoint(tmp_path).parts[-3] == "version_10"  # numeric, not lexical order
+
+
+def test_consistency_check_names_the_metric(script):
+    metrics = {"toy/all_clauses": 0.25, "toy/spatial/mg2": 0.5, "fid256_clip128": 3.0}
+    script.check_consistency("ok", {"all_clauses": 0.2504, "spatial/mg2": 0.5}, metrics)
+    with pytest.raises(RuntimeError, match="spatial/mg2"):
+        script.check_consistency("ARL after", {"all_clauses": 0.25, "spatial/mg2": 0.4}, metrics)
+    with pytest.raises(RuntimeError, match="tifa"):
+        script.check_consistency("missing", {"tifa": 0.1}, metrics)
+
+
+def test_table_has_a_column_per_model_and_the_quality_rows(script):
+    def metrics(level: float) -> dict:
+        toy = {f"toy/{k}": level for k in script.SUMMARY}
+        toy.update({f"toy/{c}/{m}": level for c in script.CATEGORIES for m in ("all_clauses", "object_accuracy")})
+        return {**toy, "tifa_toyjudge/average": level, "clip_toyworld_x100": 50 + level, "fid256_clip128": 9.0,
+                "fid256_clip128/seconds": 55.0}
+
+    results = {"base": {"metrics": metrics(0.1)}, "methods": {
+        "Finetune": {"validate": {"metrics": metrics(0.2)}, "fit": {"seconds": 300.0}},
+        "ARL": {"validate": {"metrics": metrics(0.5)}, "fit": {"seconds": None}}}}
+    lines = script.markdown(results).splitlines()
+    assert lines[0] == "| Metric | Base | Finetune | ARL |"
+    row = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+    assert row["all_clauses (mean over categories)"].endswith("| 0.100 | 0.200 | 0.500 |")
+    assert row["FID (fid256_clip128), lower is better"].endswith("| 9.00 | 9.00 | 9.00 |")
+    assert row["training wall time (s)"].endswith("| – | 300 | (existing run) |")
+    assert len(lines) == 2 + len(script.SUMMARY) + 2 * len(script.CATEGORIES) + 3 + 1
