@@ -147,3 +147,24 @@ def test_rounds_from_the_cli_generate_with_the_latest_weights_and_resume_between
     assert all(r["global_step"] == 0 for r in first)
     summary = json.loads((root / "arl" / "round_1" / "summary.json").read_text())
     assert summary["prompts"] == 4 and set(summary["kept"]) == {"red"}
+
+
+@pytest.mark.ddp
+def test_two_processes_split_the_prompts_and_select_what_one_process_selects(tiny_sd, tiny_pairs, tmp_path):
+    from tests.training.test_ddp import run_cli
+
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join([*PROMPTS, "a cyan circle"]) + "\n")  # 5 prompts: an uneven split
+    rounds = {}
+    for name, extra in {"ddp": ["--trainer.strategy=ddp", "--trainer.devices=2"], "single": []}.items():
+        root = tmp_path / name
+        run_cli(arl_args(tiny_sd, tiny_pairs, prompts_file, root, epochs=1, extra=extra))
+        rounds[name] = root / "arl" / "round_0"
+    ddp, single = rounds["ddp"], rounds["single"]
+    assert ddp.joinpath("metadata.jsonl").read_text() == single.joinpath("metadata.jsonl").read_text()
+    for i in range(5):
+        a, b = (json.loads((r / "selection" / f"{i:06d}.json").read_text()) for r in (ddp, single))
+        assert a["text"] == b["text"] and a["seeds"] == b["seeds"] and a["kept"] == b["kept"]
+        assert a["scores"]["red"] == pytest.approx(b["scores"]["red"], abs=1e-5)
+        assert (ddp / "images" / f"{i:06d}.png").exists()
+    assert json.loads((ddp / "summary.json").read_text())["prompts"] == 5
