@@ -293,16 +293,23 @@ def test_captioner_quality_plumbing_with_a_fake_model(monkeypatch, tmp_path):
 def test_caption_accuracy_compares_scenes_not_strings():
     scene = place(spatial(), COMPOSITIONAL, random.Random(0))
     big = scene.objects[0].size
-    assert cap.caption_matches(scene.caption, scene) == {"parsed": True, "satisfied": True, "exact": True}
+    assert cap.caption_matches(scene.caption, scene) == {"parsed": True, "satisfied": True, "exact": True,
+                                                         "relation": True}
     assert cap.caption_matches(f"a {big} red circle to the left of a blue square", scene)["exact"]  # extra true word
     assert cap.caption_matches("a blue square to the right of a red circle", scene)["exact"]  # same scene, reworded
-    assert cap.caption_matches("a red circle and a blue square", scene) == {"parsed": True, "satisfied": True, "exact": False}
+    # the right objects without the relation: exact (the image does not say whether to name it), no relation
+    assert cap.caption_matches("a red circle and a blue square", scene) == {"parsed": True, "satisfied": True,
+                                                                            "exact": True, "relation": False}
     assert cap.caption_matches("a red circle", scene)["satisfied"] and not cap.caption_matches("a red circle", scene)["exact"]
     assert not cap.caption_matches("a red circle to the right of a blue square", scene)["satisfied"]
     assert not cap.caption_matches("a blue circle to the left of a red square", scene)["satisfied"]
-    assert cap.caption_matches("circle circle left", scene) == {"parsed": False, "satisfied": False, "exact": False}
-    acc = cap.caption_accuracy([scene, scene], [scene.caption, "a red circle"])
-    assert acc == {"caption_parsed": 1.0, "caption_satisfied": 1.0, "caption_exact": 0.5}
+    assert not cap.caption_matches("a red circle and a blue circle", scene)["exact"]
+    assert cap.caption_matches("circle circle left", scene) == {"parsed": False, "satisfied": False, "exact": False,
+                                                                "relation": False}
+    single = place(PromptSpec((Phrase("star", colour="cyan"),), None, "single"), COMPOSITIONAL, random.Random(0))
+    acc = cap.caption_accuracy([scene, scene, scene, single], [scene.caption, "a red circle", "a red circle and a blue square",
+                                                                "a cyan star"])
+    assert acc == {"caption_parsed": 1.0, "caption_satisfied": 1.0, "caption_exact": 0.75, "caption_relation": 1 / 3}
 
 
 def test_hold_cosine_schedule_extends_a_constant_run_with_a_decay():
