@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
+    parser.add_argument("--schedule", default="constant", choices=("constant", "cosine", "hold_cosine"))
+    parser.add_argument("--decay-start", type=int, help="hold_cosine: the step where the cosine decay starts")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--vision-hidden", type=int, default=128)
@@ -370,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     folder = train_captioner(args.out, args.steps, args.batch_size, args.lr, args.seed, args.device,
-                             args.checkpoint_every, schedule=args.schedule, num_workers=args.num_workers,
+                             args.checkpoint_every, schedule=args.schedule, decay_start=args.decay_start,
+                             num_workers=args.num_workers,
                              vision_hidden=args.vision_hidden, text_hidden=args.text_hidden)
     if args.quality:
         for source in ("mix", "eval"):
