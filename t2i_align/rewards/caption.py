@@ -11,6 +11,12 @@ same way; ``g = cos(D(caption | image), D(prompt | image))`` (mean-pooled last h
 returned is ``R + g - g.detach()``: its value is the exact reward (what ReFL's margin and the logs
 see), its gradient is the gradient of ``g``. Both embeddings are grounded because BLIP's decoder is only
 ever trained with an image in its cross-attention.
+
+That cosine can be raised by making the image *less* informative (both embeddings fall back to their text
+parts): on ToyWorld, ReFL with it shrank the objects while the exact reward stayed flat. The alternative
+surrogate ``prompt_likelihood`` takes ``g`` = the captioner's mean token log-likelihood of the prompt given
+the image (the prompt's tokens and the final ``[SEP]`` after ``[DEC]``): a smooth relaxation of "the
+caption is the prompt", the quantity CoMat's image-to-text loss maximises.
 """
 
 from __future__ import annotations
@@ -30,15 +36,21 @@ class CaptionReward(Reward):
             ``Salesforce/blip-image-captioning-large``; ToyWorld: ``models/toyworld/captioner``).
         text_encoder: hub id or folder of a ``CLIPModel`` whose text tower embeds caption and prompt
             (e.g. ``openai/clip-vit-large-patch14``; ToyWorld: ``models/toyworld/clip``).
-        differentiable: add the grounded-embedding gradient path described above.
+        differentiable: add a gradient path (above): ``R + g - g.detach()``.
+        surrogate: ``g`` of the differentiable form: ``grounded_cosine`` or ``prompt_likelihood``.
         max_new_tokens: caption length limit (greedy decoding).
         caption_prefix: text the captioner continues (BLIP-large is often prompted with "a picture of");
             it is removed from the caption before embedding.
     """
 
+    SURROGATES = ("grounded_cosine", "prompt_likelihood")
+
     def __init__(self, captioner: str, text_encoder: str, differentiable: bool = False, max_new_tokens: int = 30,
-                 caption_prefix: str = "") -> None:
+                 caption_prefix: str = "", surrogate: str = "grounded_cosine") -> None:
         super().__init__()
+        if surrogate not in self.SURROGATES:
+            raise ValueError(f"CaptionReward: surrogate must be one of {self.SURROGATES}, got {surrogate!r}")
+        self.surrogate = surrogate
         from transformers import BlipForConditionalGeneration, BlipProcessor, CLIPModel, CLIPTokenizer
 
         self.captioner = BlipForConditionalGeneration.from_pretrained(captioner, dtype=torch.float32)
@@ -79,16 +91,38 @@ class CaptionReward(Reward):
         tokens = self.text_tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.mean.device)
         return self.text_projection(_projected(self.text_model(**tokens)))
 
+    def decoder_tokens(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+        ids[:, 0] = self.captioner.config.text_config.bos_token_id  # BLIP's decoder starts from [DEC]
+        return ids, mask
+
     def grounded_embeddings(self, image_features: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Mean-pooled last hidden states of the captioner's text decoder reading ``texts`` with the image
         features in its cross-attention."""
-        tokens = self.processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        ids, mask = tokens.input_ids.to(image_features.device), tokens.attention_mask.to(image_features.device)
-        ids[:, 0] = self.captioner.config.text_config.bos_token_id  # BLIP's decoder starts from [DEC]
+        ids, mask = self.decoder_tokens(texts, image_features.device)
         hidden = self.captioner.text_decoder.bert(input_ids=ids, attention_mask=mask, is_decoder=True,
                                                   encoder_hidden_states=image_features).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1)
+
+    def mean_log_likelihood(self, image_features: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Mean log-probability of each text's tokens (and its final ``[SEP]``) under the captioner, given
+        ``[DEC]`` and the image features."""
+        ids, mask = self.decoder_tokens(texts, image_features.device)
+        logits = self.captioner.text_decoder(input_ids=ids, attention_mask=mask,
+                                             encoder_hidden_states=image_features).logits
+        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        weights = mask[:, 1:].to(logp.dtype)
+        return (logp * weights).sum(1) / weights.sum(1)
+
+    def surrogate_value(self, images: torch.Tensor, prompts: list[str], captions: list[str]) -> torch.Tensor:
+        """``g`` of the differentiable form (differentiable in ``images``)."""
+        features = self.captioner.vision_model(pixel_values=self.pixels(images)).last_hidden_state
+        if self.surrogate == "prompt_likelihood":
+            return self.mean_log_likelihood(features, prompts)
+        return F.cosine_similarity(self.grounded_embeddings(features, captions).float(),
+                                   self.grounded_embeddings(features, prompts).float(), dim=-1)
 
     # ------------------------------------------------------------------------------------ score
     def exact(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
@@ -100,7 +134,5 @@ class CaptionReward(Reward):
         reward, captions = self.exact(images, prompts)
         if not (self.differentiable and torch.is_grad_enabled() and images.requires_grad):
             return reward
-        features = self.captioner.vision_model(pixel_values=self.pixels(images)).last_hidden_state
-        g = F.cosine_similarity(self.grounded_embeddings(features, captions).float(),
-                                self.grounded_embeddings(features, prompts).float(), dim=-1)
+        g = self.surrogate_value(images, prompts, captions)
         return reward + (g - g.detach())

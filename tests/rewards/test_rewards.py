@@ -93,6 +93,31 @@ def test_differentiable_caption_reward_keeps_the_exact_value_and_has_a_pixel_gra
     assert y.grad.abs().max() < 1e-5
 
 
+def test_prompt_likelihood_surrogate_is_the_captioners_mean_token_log_likelihood(captioner_dir, clip_dir):
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    from t2i_align.toyworld.captioner import caption_log_likelihood
+
+    exact = CaptionReward(captioner_dir, clip_dir)
+    reward = CaptionReward(captioner_dir, clip_dir, differentiable=True, surrogate="prompt_likelihood")
+    x = images().requires_grad_(True)
+    value = reward(x, PROMPTS)
+    torch.testing.assert_close(value.detach(), exact(x.detach(), PROMPTS), atol=1e-6, rtol=0)
+    value.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
+    # g against an independent sum of token log-probs (itself checked against the HF LM loss), per token
+    with torch.no_grad():
+        g = reward.surrogate_value(images(), PROMPTS, reward.captions(images()))
+        model = BlipForConditionalGeneration.from_pretrained(captioner_dir, dtype=torch.float32).eval()
+        processor = BlipProcessor.from_pretrained(captioner_dir)
+        total = caption_log_likelihood(model, processor, images(), PROMPTS)
+    lengths = torch.tensor([len(processor.tokenizer(p).input_ids) - 1 for p in PROMPTS], dtype=total.dtype)
+    torch.testing.assert_close(g, total / lengths, atol=1e-4, rtol=1e-4)
+    assert (g < 0).all()
+    with pytest.raises(ValueError, match="surrogate"):
+        CaptionReward(captioner_dir, clip_dir, differentiable=True, surrogate="likelihood")
+
+
 class Constant(Reward):
     differentiable = True
 
