@@ -1,6 +1,7 @@
 """Gradient norms of ReFL's two losses on the trainable weights, to choose the reward weight λ.
 
-    python experiments/toyworld/grad_balance.py configs/experiment/toyworld_refl_caption.yaml --batches 3
+    python experiments/toyworld/grad_balance.py configs/experiment/toyworld_refl_caption.yaml --batches 3 \
+        [--model.init_args.reward.init_args.surrogate=prompt_likelihood ...]   # CLI overrides
 
 For a few training batches of the config, prints |∇ φ(r)| (the reward loss at λ = 1, through the config's
 own ReFL sampling) and |∇ L_pre| (the noise-prediction loss on the batch's real pairs). λ sets the ratio of
@@ -27,9 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="a ReFL experiment config (with train_pairs for L_pre)")
     p.add_argument("--batches", type=int, default=3)
-    a = p.parse_args(argv)
+    # any other argument is a CLI override, e.g. --model.init_args.reward.init_args.surrogate=prompt_likelihood
+    a, overrides = p.parse_known_args(argv)
 
-    cli = T2ICLI(args=["--config", a.config, "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
+    args = ["--config", a.config, *overrides, "--trainer.logger=false", "--trainer.callbacks=[]"]
+    cli = T2ICLI(args=args, run=False)
     module, data = cli.model, cli.datamodule
     data.setup("fit")
     module.train()
