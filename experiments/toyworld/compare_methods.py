@@ -12,7 +12,10 @@
    and TIFA with the judge. The base model is the "before" of every method (all start from it); the toy
    metrics each fit run measured itself before and after training (``toy_eval.json``) are checked against
    these: the same seeds must give the same numbers.
-3. ``<out>.json`` holds every metric, the commands and their wall times; ``<out>.md`` the table.
+3. 16 prompts per category (112 images) are the fit runs' own before/after check, too few to tell methods
+   apart (one image moves a category by 0.06), so the toy metrics are also measured on every evaluation
+   prompt (``--full-per-category``, 100 per category by default: 700 images) with the same sampler.
+4. ``<out>.json`` holds every metric, the commands and their wall times; ``<out>.md`` the table.
 """
 
 from __future__ import annotations
@@ -59,11 +62,25 @@ def fit(config: str, run_dir: Path, retrain: bool, extra: list[str]) -> dict:
     return {"command": " ".join(command), "seconds": seconds, "toy_eval": json.loads(report.read_text())}
 
 
-def validate(config: str, ckpt: Path | None, root: Path) -> dict:
-    """Every metric of ``configs/eval/toyworld.yaml`` for ``config``'s model (``ckpt``: trained weights)."""
+def full_toy_callbacks(per_category: int) -> str:
+    """``trainer.callbacks`` for the toy metrics alone on ``per_category`` prompts of each category (the
+    toy evaluation of ``EVAL_CONFIG`` otherwise: same prompts folder and sampler)."""
+    import yaml
+
+    [toy] = [c for c in yaml.safe_load(Path(EVAL_CONFIG).read_text())["trainer"]["callbacks"]
+             if c["class_path"].endswith("ToyWorldEvaluation")]
+    toy = {**toy, "init_args": {**toy["init_args"], "per_category": per_category}}
+    return json.dumps([toy], separators=(",", ":"))
+
+
+def validate(config: str, ckpt: Path | None, root: Path, callbacks: str | None = None) -> dict:
+    """Every metric of ``configs/eval/toyworld.yaml`` for ``config``'s model (``ckpt``: trained weights);
+    ``callbacks`` (a JSON list) replaces that config's callbacks."""
     from t2i_align.cli import T2ICLI
 
     args = ["--config", config, "--config", EVAL_CONFIG, "--trainer.logger=false", f"--trainer.default_root_dir={root}"]
+    if callbacks is not None:
+        args.append(f"--trainer.callbacks={callbacks}")
     command = " ".join(["t2i-align", "validate", *args] + ([f"--ckpt_path={ckpt}"] if ckpt else []))
     start = time.time()
     cli = T2ICLI(args=args, run=False)
@@ -84,19 +101,31 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def table(columns: list[str], metrics: dict[str, dict], rows: list[tuple[str, str, int]]) -> list[str]:
+    lines = ["| Metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for key, label, digits in rows:
+        lines.append(f"| {label} | " + " | ".join(fmt(metrics[c].get(key), digits) for c in columns) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     columns = ["Base", *results["methods"]]
     metrics = {"Base": results["base"]["metrics"], **{n: r["validate"]["metrics"] for n, r in results["methods"].items()}}
     fid_key = next(k for k in metrics["Base"] if k.startswith("fid") and not k.endswith("/seconds"))
     clip_key = next(k for k in metrics["Base"] if k.startswith("clip_") and not k.endswith("/seconds"))
-    rows: list[tuple[str, str, int]] = [(f"toy/{k}", f"{k} (mean over categories)", 3) for k in SUMMARY]
-    rows += [(f"toy/{c}/all_clauses", f"{c}: all_clauses", 3) for c in CATEGORIES]
-    rows += [(f"toy/{c}/object_accuracy", f"{c}: object_accuracy", 3) for c in CATEGORIES]
-    rows += [("tifa_toyjudge/average", "TIFA (judge as VQA, first 32 prompts)", 3),
-             (clip_key, f"CLIP score ({clip_key})", 2), (fid_key, f"FID ({fid_key}), lower is better", 2)]
-    lines = ["| Metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for key, label, digits in rows:
-        lines.append(f"| {label} | " + " | ".join(fmt(metrics[c].get(key), digits) for c in columns) + " |")
+    toy_rows = [(f"toy/{k}", f"{k} (mean over categories)", 3) for k in SUMMARY]
+    toy_rows += [(f"toy/{c}/all_clauses", f"{c}: all_clauses", 3) for c in CATEGORIES]
+    toy_rows += [(f"toy/{c}/object_accuracy", f"{c}: object_accuracy", 3) for c in CATEGORIES]
+    lines = []
+    if results.get("full_per_category"):
+        full = {"Base": results["base"]["full_toy"]["metrics"],
+                **{n: r["full_toy"]["metrics"] for n, r in results["methods"].items()}}
+        lines += [f"Toy metrics on {results['full_per_category']} evaluation prompts per category:", ""]
+        lines += table(columns, full, toy_rows)
+        lines += ["", "Every metric of `configs/eval/toyworld.yaml` (toy metrics on 16 prompts per category):", ""]
+    rows = toy_rows + [("tifa_toyjudge/average", "TIFA (judge as VQA, first 32 prompts)", 3),
+                       (clip_key, f"CLIP score ({clip_key})", 2), (fid_key, f"FID ({fid_key}), lower is better", 2)]
+    lines += table(columns, metrics, rows)
     train = ["–"] + [fmt(r["fit"]["seconds"], 0) if r["fit"]["seconds"] is not None else "(existing run)"
                      for r in results["methods"].values()]
     lines.append("| training wall time (s) | " + " | ".join(train) + " |")
@@ -108,13 +137,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", type=Path, default=Path("experiments/results/toyworld_methods"))
     p.add_argument("--retrain", action="store_true", help="fit again even if the run folder has a toy_eval.json")
+    p.add_argument("--full-per-category", type=int, default=100,
+                   help="evaluation prompts per category for the toy metrics on the full set (0: skip that pass)")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
                    help="overrides for every fit (smoke runs only: the table compares the configs' own budget)")
     a = p.parse_args(argv)
 
     base_config = METHODS["Finetune"][0]  # its LoRA starts at zero: validate without a checkpoint = the base
+    full = full_toy_callbacks(a.full_per_category) if a.full_per_category else None
     results: dict = {"base": validate(base_config, None, Path("runs/compare/base")), "fit_args": a.fit_args,
-                     "methods": {}}
+                     "full_per_category": a.full_per_category, "methods": {}}
+    if full:
+        results["base"]["full_toy"] = validate(base_config, None, Path("runs/compare/base_full"), full)
     for name in a.methods:
         config, run_dir = METHODS[name]
         trained = fit(config, Path(run_dir), a.retrain, a.fit_args)
@@ -123,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         check_consistency(f"{name} before", trained["toy_eval"]["before"], results["base"]["metrics"])
         check_consistency(f"{name} after", trained["toy_eval"]["after"], evaluated["metrics"])
         results["methods"][name] = {"config": config, "checkpoint": str(ckpt), "fit": trained, "validate": evaluated}
+        if full:
+            results["methods"][name]["full_toy"] = validate(config, ckpt, Path("runs/compare") / f"{Path(run_dir).name}_full",
+                                                            full)
         print(f"{name}: done", file=sys.stderr, flush=True)
 
     table = markdown(results)

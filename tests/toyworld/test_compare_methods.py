@@ -54,3 +54,32 @@ def test_table_has_a_column_per_model_and_the_quality_rows(script):
     assert row["FID (fid256_clip128), lower is better"].endswith("| 9.00 | 9.00 | 9.00 |")
     assert row["training wall time (s)"].endswith("| – | 300 | (existing run) |")
     assert len(lines) == 2 + len(script.SUMMARY) + 2 * len(script.CATEGORIES) + 3 + 1
+
+
+def test_full_prompt_set_pass_keeps_the_eval_configs_sampler(script):
+    import json
+
+    import yaml
+
+    [toy] = json.loads(script.full_toy_callbacks(100))
+    [configured] = [c for c in yaml.safe_load((Path(REPO_ROOT) / script.EVAL_CONFIG).read_text())["trainer"]["callbacks"]
+                    if c["class_path"] == toy["class_path"]]
+    assert toy["init_args"]["per_category"] == 100
+    assert {k: v for k, v in toy["init_args"].items() if k != "per_category"} == \
+        {k: v for k, v in configured["init_args"].items() if k != "per_category"}
+
+
+def test_table_puts_the_full_prompt_set_first(script):
+    def metrics(level: float) -> dict:
+        return {f"toy/{k}": level for k in script.SUMMARY} | {"tifa_toyjudge/average": level,
+                                                               "clip_toyworld_x100": 50.0, "fid256_clip128": 9.0}
+
+    results = {"full_per_category": 100,
+               "base": {"metrics": metrics(0.1), "full_toy": {"metrics": metrics(0.15)}},
+               "methods": {"ARL": {"validate": {"metrics": metrics(0.5)}, "full_toy": {"metrics": metrics(0.45)},
+                                   "fit": {"seconds": 60.0}}}}
+    text = script.markdown(results)
+    full, rest = text.split("Every metric of")
+    assert "100 evaluation prompts per category" in full
+    assert "| all_clauses (mean over categories) | 0.150 | 0.450 |" in full
+    assert "| all_clauses (mean over categories) | 0.100 | 0.500 |" in rest and "FID" in rest and "FID" not in full
