@@ -52,13 +52,15 @@ def last_checkpoint(run_dir: Path) -> Path:
 
 
 def fit(config: str, run_dir: Path, retrain: bool, extra: list[str]) -> dict:
-    report = run_dir / "toy_eval.json"
+    """Train unless the run exists; its wall time is kept in ``run_dir/fit_seconds.json`` for later tables."""
+    report, timing = run_dir / "toy_eval.json", run_dir / "fit_seconds.json"
     command = ["t2i-align", "fit", "--config", config, *extra]
-    seconds = None
     if retrain or not report.exists():
         start = time.time()
         subprocess.run(command, check=True)
-        seconds = round(time.time() - start, 1)
+        with atomic_path(timing) as tmp:
+            tmp.write_text(json.dumps({"seconds": round(time.time() - start, 1)}) + "\n")
+    seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
     return {"command": " ".join(command), "seconds": seconds, "toy_eval": json.loads(report.read_text())}
 
 
