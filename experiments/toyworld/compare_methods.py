@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import subprocess
 import sys
 import time
@@ -61,7 +62,7 @@ def fit(config: str, run_dir: Path, retrain: bool, extra: list[str]) -> dict:
         with atomic_path(timing) as tmp:
             tmp.write_text(json.dumps({"seconds": round(time.time() - start, 1)}) + "\n")
     seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
-    return {"command": " ".join(command), "seconds": seconds, "toy_eval": json.loads(report.read_text())}
+    return {"command": shlex.join(command), "seconds": seconds, "toy_eval": json.loads(report.read_text())}
 
 
 def full_toy_callbacks(per_category: int) -> str:
@@ -83,7 +84,7 @@ def validate(config: str, ckpt: Path | None, root: Path, callbacks: str | None =
     args = ["--config", config, "--config", EVAL_CONFIG, "--trainer.logger=false", f"--trainer.default_root_dir={root}"]
     if callbacks is not None:
         args.append(f"--trainer.callbacks={callbacks}")
-    command = " ".join(["t2i-align", "validate", *args] + ([f"--ckpt_path={ckpt}"] if ckpt else []))
+    command = shlex.join(["t2i-align", "validate", *args] + ([f"--ckpt_path={ckpt}"] if ckpt else []))
     start = time.time()
     cli = T2ICLI(args=args, run=False)
     [metrics] = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt else None)
