@@ -1,16 +1,28 @@
-"""Atomic writes: a file or folder appears complete under its final name, or not at all."""
+"""Atomic writes: a file or folder appears complete under its final name, or not at all; clear errors for
+checkpoint files that cannot be loaded; removal of the temporaries a killed writer left behind."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+# Temporaries are named `.<target name>.<host>.<pid>.<random>.tmp` (and `.old` for the previous version of a
+# folder being replaced), so a later start can tell whose they are and whether their writer is still alive.
+_HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.(?P<kind>tmp|old)$")
+#: Temporaries of writers on other machines (a shared file system) are removed only after this long.
+FOREIGN_TEMP_AGE_S = 24 * 3600
 
 
 def _default_permissions(root: Path) -> None:
@@ -30,11 +42,14 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     """Yield a temporary sibling of ``path``; on success it replaces ``path`` with ``os.replace``.
 
     The temporary lives in the same folder, so the final rename never crosses file systems. On error
-    the temporary is removed and an existing ``path`` is left untouched.
+    the temporary is removed and an existing ``path`` is left untouched. A folder cannot be swapped in one
+    system call: the old one is first renamed aside, so a kill between the two renames leaves it under a
+    temporary name, and :func:`clean_stale_temporaries` puts it back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    prefix = f".{path.name}.{_HOST}.{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
     target = tmp if is_dir else tmp / path.name
     try:
         yield target
@@ -43,8 +58,7 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
             with open(target, "rb") as f:
                 os.fsync(f.fileno())
         if is_dir and path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = Path(str(tmp)[: -len(".tmp")] + ".old")
             os.replace(path, old)
             os.replace(target, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -54,8 +68,103 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temporaries(roots: Iterable[str | os.PathLike]) -> list[Path]:
+    """Remove the temporaries of :func:`atomic_path` writers that died (killed during a save) under ``roots``.
+
+    A temporary is stale when its writer ran on this machine and is gone, or ran elsewhere and the
+    temporary is older than :data:`FOREIGN_TEMP_AGE_S`. A stale ``.old`` folder whose target is missing
+    (killed between the two renames of a folder swap) is renamed back into place. Returns what was removed
+    or restored.
+    """
+    done: list[Path] = []
+    seen: set[Path] = set()
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir() or root.resolve() in seen:
+            continue
+        seen.add(root.resolve())
+        for folder, dirs, files in os.walk(root):
+            for name in list(dirs) + files:
+                m = _TEMP_NAME.match(name)
+                if m is None:
+                    continue
+                entry = Path(folder) / name
+                if name in dirs:
+                    dirs.remove(name)  # never descend into a temporary
+                mine = m["host"] == _HOST
+                if mine and _pid_alive(int(m["pid"])):
+                    continue
+                if not mine and time.time() - entry.lstat().st_mtime < FOREIGN_TEMP_AGE_S:
+                    continue
+                target = Path(folder) / m["name"]
+                if m["kind"] == "old" and not target.exists():
+                    os.replace(entry, target)
+                elif entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                done.append(entry)
+    return done
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and what is wrong with it."""
+
+
+def _describe_start(head: bytes) -> str:
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "it looks like a safetensors file: exported weights, not a training checkpoint"
+    if not head:
+        return "it is empty"
+    text = head.decode("utf-8", errors="replace")
+    if all(c.isprintable() or c in "\r\n\t" for c in text):
+        return f"it is a text file starting with {text[:16]!r}"
+    return f"it starts with the bytes {head[:8]!r}"
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` of a Lightning checkpoint, or one :class:`CheckpointError`
+    sentence naming the file and what is wrong (missing, not a PyTorch file, truncated, not a checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a .ckpt file")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    # torch.save writes a zip archive (PK..); the legacy format starts with a pickle protocol byte.
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {_describe_start(head)}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds Python objects other than tensors and plain containers, so it was not written by "
+            f"t2i-align and is not loaded (weights_only=True): {str(e).splitlines()[0][:200]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt (a save interrupted, or a partial copy?): {str(e).splitlines()[0][:200]}"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        keys = sorted(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f"{path} is a PyTorch file but not a Lightning checkpoint (no 'state_dict'; found {keys})")
+    return checkpoint
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that writes to a temporary file next to the target, then renames it.
+    """Lightning checkpoint IO that writes to a temporary file next to the target, then renames it, and
+    reads with :func:`load_checkpoint_file` (one clear sentence for a file that is not a usable checkpoint).
 
     Lightning's default local save moves a file from the system temp folder, which becomes a copy (and
     can leave a half-written checkpoint) when that folder is on another file system.
@@ -68,6 +177,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO does not take storage_options for local paths")
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        return load_checkpoint_file(path, map_location if map_location is not None else "cpu")
 
 
 def save_png(image, path: str | os.PathLike) -> Path:

@@ -20,6 +20,23 @@ from t2i_align.toyworld.world import COMPOSITIONAL, Obj, parse_prompt, place, re
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def tiny_fit_args(tiny_sd: str, tiny_pairs: str, root, max_steps: int, *configs: str) -> list[str]:
+    """``fit`` of Finetune on the tiny pipeline and pairs (batch 2) under ``root``: the base config stack, then
+    ``configs`` (more --config files), then the tiny model and data paths."""
+    base = ["trainer/cpu.yaml", "method/finetune.yaml", "model/tiny.yaml", "data/tiny_pairs.yaml"]
+    stack = [os.path.join(REPO_ROOT, "configs", name) for name in base] + list(configs)
+    return [
+        "fit",
+        *[arg for path in stack for arg in ("--config", str(path))],
+        f"--model.init_args.generator.pretrained={tiny_sd}",
+        f"--data.init_args.train_pairs.path={tiny_pairs}",
+        f"--data.init_args.val_pairs.path={tiny_pairs}",
+        "--data.init_args.batch_size=2",
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.max_steps={max_steps}",
+    ]
+
+
 def trainable_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(module.named_parameters()):

@@ -91,9 +91,7 @@ def test_misspelt_model_key_fails_to_parse(tmp_path, capsys, key, parses):
 
 
 def test_tiny_stack_builds_model_and_datamodule(tiny_sd, tiny_pairs, tmp_path, monkeypatch):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from t2i_align.callbacks import ExportWeights
+    from t2i_align.callbacks import ExportWeights, StepCheckpoint
     from t2i_align.datamodules import T2IDataModule
     from t2i_align.lightning_modules import Finetune
 
@@ -120,7 +118,7 @@ def test_tiny_stack_builds_model_and_datamodule(tiny_sd, tiny_pairs, tmp_path, m
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
     # trainer: the trainer fragment
     assert cli.trainer.max_steps == 20
-    assert {type(c) for c in cli.trainer.callbacks} >= {ModelCheckpoint, ExportWeights}
+    assert {type(c) for c in cli.trainer.callbacks} >= {StepCheckpoint, ExportWeights}
 
 
 def test_print_config_prints_the_complete_config(tmp_path, capsys, monkeypatch):
@@ -142,3 +140,16 @@ def test_print_config_prints_the_complete_config(tmp_path, capsys, monkeypatch):
     # complete: the printed config alone reproduces itself
     (tmp_path / "printed.yaml").write_text(printed)
     assert print_config(tmp_path / "printed.yaml") == printed
+
+
+def test_every_config_checkpoint_keeps_the_final_step():
+    """Lightning's ModelCheckpoint loses the steps after the last multiple of every_n_train_steps: configs use
+    StepCheckpoint with save_last, so `--ckpt_path last` resumes the final state."""
+    found = 0
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        for cb in ((yaml.safe_load(path.read_text()) or {}).get("trainer") or {}).get("callbacks") or []:
+            if "Checkpoint" in cb.get("class_path", ""):
+                found += 1
+                assert cb["class_path"] == "t2i_align.callbacks.StepCheckpoint", path
+                assert cb.get("init_args", {}).get("save_last") is True, path
+    assert found >= 3

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader
 
@@ -15,7 +16,42 @@ from .pairs import PairDataset, PairSource, collate_pairs
 from .prompts import PromptDataset, PromptSource, collate_prompts, load_prompt_sources
 from .sampler import ShardSampler, StreamSampler
 
-__all__ = ["T2IDataModule"]
+__all__ = ["T2IDataModule", "check_for_generator"]
+
+
+def warn_truncated_texts(tokenizer: Any, texts: Sequence[str], names: Sequence[str], dataset: str) -> int:
+    """Warn once for ``dataset`` when texts are longer than the text encoder reads (they are truncated);
+    returns how many are."""
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=False)["input_ids"]]
+    long = [i for i, n in enumerate(lengths) if n > limit]
+    if long:
+        first = long[0]
+        rank_zero_warn(
+            f"{dataset}: {len(long)} of {len(texts)} texts are longer than the text encoder's {limit} tokens and are "
+            f"truncated (the first: {names[first]}, {lengths[first]} tokens)"
+        )
+    return len(long)
+
+
+def check_for_generator(trainer: Any, resolution: int | None, key: str, sets: Mapping[str, Any]) -> None:
+    """Check data against the model being trained or sampled: ``resolution`` (config ``key``) must be a multiple
+    of the VAE's downsampling factor; over-long texts are counted and warned about once per set.
+
+    ``sets``: name -> PairDataset | PromptDataset | list of prompts. Does nothing without a model that has a
+    ``generator`` (the datamodule used on its own)."""
+    generator = getattr(getattr(trainer, "lightning_module", None), "generator", None)
+    if generator is None:
+        return
+    if resolution is not None:
+        generator.check_resolution(resolution, key)
+    for name, data in sets.items():
+        if hasattr(data, "records"):  # image-caption pairs
+            texts, names = [r.caption for r in data.records], [r.where or r.id for r in data.records]
+        else:
+            prompts = getattr(data, "prompts", data)
+            texts, names = [p.text for p in prompts], [f"{p.source}: id {p.id}" for p in prompts]
+        warn_truncated_texts(generator.tokenizer, texts, names, name)
 
 
 def _as_prompt_sources(value: Sequence[PromptSource | Mapping[str, Any]] | None) -> list[PromptSource] | None:
@@ -97,6 +133,7 @@ class T2IDataModule(L.LightningDataModule):
         self._val_sets: dict[str, Any] | None = None
         self._samplers: dict[str, StreamSampler] | None = None
         self._pending_state: dict[str, Any] = {}
+        self._checked = False  # resolution and text lengths checked against the model (once)
 
     # ---------------------------------------------------------------------------------------------- setup
 
@@ -124,6 +161,17 @@ class T2IDataModule(L.LightningDataModule):
                     src.path, src.image_root, src.format, self.resolution, src.per, src.limit
                 )
             self._val_sets = sets
+        if not self._checked:
+            self._checked = True
+            named = {f"train {k} ({self._describe(k, 'train')})": v[0] if k == "prompts" else v
+                     for k, v in (self._train_sets or {}).items()}
+            named |= {f"val {k} ({self._describe(k, 'val')})": v for k, v in (self._val_sets or {}).items()}
+            check_for_generator(trainer, self.resolution, "data.init_args.resolution", named)
+
+    def _describe(self, kind: str, split: str) -> str:
+        if kind == "pairs":
+            return str((self.train_pairs if split == "train" else self.val_pairs).path)
+        return ", ".join(str(s.path) for s in (self.train_prompts if split == "train" else self.val_prompts) or [])
 
     # ---------------------------------------------------------------------------------------------- loaders
 

@@ -15,6 +15,7 @@ metadata next to the images. Conventions (from each benchmark's own generation s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ from typing import Sequence
 import lightning as L
 from torch.utils.data import DataLoader
 
+from t2i_align.datamodules.datamodule import check_for_generator
 from t2i_align.datamodules.prompts import Prompt, PromptSource, read_prompts
 from t2i_align.datamodules.sampler import ShardSampler
 from t2i_align.io import atomic_path
+from t2i_align.runs import config_differences
 from t2i_align.lightning_modules.base import derive_seed
 
 
@@ -129,6 +132,10 @@ class BenchmarkExportData(L.LightningDataModule):
     """Every image a benchmark needs, minus those already on disk (a rerun resumes), split across ranks
     without duplicates. Seeds depend on (seed, set, prompt id, image number) only.
 
+    ``<output_dir>/export.json`` records the recipe (layout, prompts digest, seed, sampler settings, weights
+    digest) before the first image is written. A rerun into the same ``output_dir`` resumes only when it
+    records the same recipe; anything else is refused before an image is written.
+
     Args:
         prompts: the benchmark's prompt file (T2I-CompBench val txt, GenEval ``evaluation_metadata.jsonl``,
             DPG-Bench ``prompts/`` folder, TIFA text inputs, MultiGen JSON).
@@ -153,6 +160,7 @@ class BenchmarkExportData(L.LightningDataModule):
         self.prompts = None
         self.jobs: list[ExportJob] = []
         self.skipped = 0
+        self._recipe: dict | None = None
 
     def setup(self, stage: str | None = None) -> None:
         self.prompts = read_prompts(self.source.path, self.source.format, self.source.name)[: self.source.limit]
@@ -167,12 +175,103 @@ class BenchmarkExportData(L.LightningDataModule):
                 seeds = tuple(derive_seed(self.seed, p.source, p.id, f * per_file + k) % (2**31) for k in range(per_file))
                 jobs.append(ExportJob(p.text, seeds, str(target), self.sampling))
         self.jobs, self.skipped = jobs, skipped
+        check_for_generator(self.trainer, None, "", {f"prompts ({self.source.path})": self.prompts})
+
+    def recipe(self, pl_module=None) -> dict:
+        """What decides the images of this export: layout, prompts (ids and texts), seed, sampler settings and,
+        given the module, its weights (:func:`weights_identity`)."""
+        if self.prompts is None:
+            raise RuntimeError("BenchmarkExportData.recipe() needs setup() first")
+        listing = json.dumps([[p.source, p.id, p.text] for p in self.prompts], ensure_ascii=False)
+        recipe = {
+            "layout": self.layout.name,
+            "images_per_prompt": self.layout.images_per_prompt,
+            "prompts": {"path": str(self.source.path), "count": len(self.prompts),
+                        "sha256": hashlib.sha256(listing.encode()).hexdigest()},
+            "seed": self.seed,
+            "sampling": dict(self.sampling),
+        }
+        if pl_module is not None:
+            recipe["weights"] = weights_identity(pl_module)
+        return recipe
 
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if trainer is not None:
+            # Here, not in setup: Lightning asks for the loader after loading --ckpt_path, so the weights are
+            # final; and it skips every predict hook when no file is left to render.
+            self._begin(trainer)
         return DataLoader(self.jobs, batch_size=self.batch_size, sampler=ShardSampler(len(self.jobs), world, rank),
                           collate_fn=collate_jobs)
+
+    def _begin(self, trainer: L.Trainer) -> None:
+        """Refuse a folder made with another recipe; record this one before the first image is written."""
+        recipe = self.recipe(trainer.lightning_module)
+        check_export_folder(self.output_dir, recipe, self.skipped)  # every rank reaches the same verdict
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            self.write_manifest(recipe, complete=False)
+            if not self.jobs:  # nothing left to render (a finished or fully resumed export): complete it now
+                self.finish()
+        trainer.strategy.barrier()
+        self._recipe = recipe
+
+    def write_manifest(self, recipe: dict, complete: bool) -> None:
+        info = {"recipe": recipe, "complete": complete, "files_skipped_as_existing": self.skipped,
+                "files_written": len(self.jobs) if complete else 0}
+        with atomic_path(self.output_dir / MANIFEST) as tmp:
+            tmp.write_text(json.dumps(info, indent=2) + "\n")
+
+    def finish(self) -> None:
+        """Rank 0, once every image is written: the layout's metadata files and the completed record."""
+        self.layout.finalize(self.output_dir, self.prompts)
+        self.write_manifest(self._recipe if self._recipe is not None else self.recipe(), complete=True)
+
+
+MANIFEST = "export.json"
+
+
+def weights_identity(pl_module) -> dict:
+    """The method, its base model and a digest of its trainable weights (after any ``--ckpt_path`` load)."""
+    h = hashlib.sha256()
+    for name, p in sorted(pl_module.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    cls = type(pl_module)
+    return {"method": f"{cls.__module__}.{cls.__qualname__}", "pretrained": str(pl_module.generator.config.pretrained),
+            "trainable_sha256": h.hexdigest()}
+
+
+def check_export_folder(folder: Path, recipe: dict, existing_files: int) -> None:
+    """Refuse to add to a folder whose images were made from other prompts, weights or sampler settings."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        if existing_files:
+            raise RuntimeError(
+                f"{folder} already holds {existing_files} of this export's image files but no {MANIFEST} recording "
+                "how they were made, so they cannot be reused: choose an empty output_dir or remove the folder"
+            )
+        return
+    try:
+        recorded = json.loads(manifest.read_text())["recipe"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise RuntimeError(f"{manifest} is not an export record of this version of t2i-align (no 'recipe'); "
+                           "choose another output_dir or remove the folder") from None
+    differences = config_differences(recorded, recipe)
+    if differences:
+        shown = ", ".join(f"{k} ({_at(recorded, k)!r} there, {_at(recipe, k)!r} now)" for k in differences[:3])
+        raise RuntimeError(
+            f"{folder} holds an export of other settings: {shown}{' ...' if len(differences) > 3 else ''}. Its "
+            "images cannot be reused: choose another output_dir, or remove the folder to redo the export"
+        )
+
+
+def _at(tree, dotted: str):
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
 
 
 def collate_jobs(jobs: list[ExportJob]) -> dict:

@@ -139,13 +139,23 @@ def resize_center_crop(img: Image.Image, size: int, resample: Image.Resampling) 
     return img.crop((left, top, left + size, top + size))
 
 
+def _image_size(file: str, record: PairRecord) -> tuple[int, int]:
+    """Width and height from the file header (the pixels are not decoded)."""
+    try:
+        with Image.open(file) as img:
+            return img.size
+    except OSError as e:
+        raise PairFileError(f"{record.where}: cannot read {file} ({e})") from e
+
+
 class PairDataset(Dataset):
     """Image-caption(-mask) pairs.
 
     Items: ``{"pixel_values": FloatTensor[3, R, R] in [0, 1], "caption": str, "id": str,
     "masks": [(noun, BoolTensor[R, R] | None), ...] | None}``. Images are converted to RGB, resized (shorter
     side to R, bicubic) and center-cropped; masks (read as L) get the same geometry (bilinear, then > 0.5).
-    A mask whose size differs from its image is first resized to the image size (nearest).
+    A mask must have its image's size (checked at construction): a mask of another size or aspect would be
+    stretched out of register with the objects it marks.
 
     ``random_flip`` flips image and masks together for about half of the items, decided by ``(seed, index)``
     only (the same items flip in every epoch). Beware: flipping breaks captions with "left"/"right".
@@ -196,6 +206,16 @@ class PairDataset(Dataset):
             for noun, mask in r.masks or ():
                 if mask is not None and not os.path.isfile(mask):
                     raise PairFileError(f"{r.where}: mask file for {noun!r} not found: {mask}")
+            masks = [(noun, m) for noun, m in r.masks or () if m is not None]
+            if masks:
+                size = _image_size(r.image, r)
+                for noun, mask in masks:
+                    if _image_size(mask, r) != size:
+                        w, h = _image_size(mask, r)
+                        raise PairFileError(
+                            f"{r.where}: the mask for {noun!r} ({mask}) is {w}x{h} but its image is {size[0]}x{size[1]}; "
+                            "masks must have their image's size (resizing would move them off the objects)"
+                        )
         self.records = records
         self.resolution = resolution
         self.random_flip = random_flip
@@ -244,8 +264,8 @@ class PairDataset(Dataset):
                     masks.append((noun, None))
                     continue
                 mask = self._open(file, "L", rec)
-                if mask.size != image.size:
-                    mask = mask.resize(image.size, Image.Resampling.NEAREST)
+                if mask.size != image.size:  # checked at construction; the file changed since
+                    raise PairFileError(f"{rec.where}: mask {file} is {mask.size}, its image {image.size}")
                 mask = resize_center_crop(mask, size, Image.Resampling.BILINEAR)
                 tensor = torch.from_numpy(np.array(mask, dtype=np.float32) / 255.0 > 0.5)
                 masks.append((noun, tensor.flip(-1) if flip else tensor))

@@ -132,6 +132,14 @@ class Generator(nn.Module):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def check_resolution(self, size: int, key: str = "resolution") -> None:
+        """Refuse an image side the VAE cannot encode/decode without cropping (not a multiple of its factor)."""
+        factor = self.vae_scale_factor
+        if size % factor:
+            low, high = size // factor * factor, (size // factor + 1) * factor
+            raise ValueError(f"{key}={size} is not a multiple of the VAE's downsampling factor {factor} "
+                             f"({self.config.pretrained}); use {low or high} or {high}")
+
     @property
     def default_resolution(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
@@ -225,6 +233,8 @@ class Generator(nn.Module):
         ``generator`` fixes the VAE posterior sample, the noise and the timesteps, so a step is exactly
         reproducible from its seed (this is what makes resume bit-for-bit on CPU).
         """
+        for side in pixels.shape[-2:]:
+            self.check_resolution(side, "image side")
         latents = self.encode_images(pixels.to(self.device), generator)
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         steps = self.train_scheduler.config.num_train_timesteps
@@ -280,6 +290,7 @@ class Generator(nn.Module):
         if cfg:
             cond = torch.cat([self.empty_embedding().expand_as(cond), cond])
         resolution = resolution or self.default_resolution
+        self.check_resolution(resolution)
         latent_side = resolution // self.vae_scale_factor
         shape = (len(prompts), self.unet.config.in_channels, latent_side, latent_side)
         gens = seeded_generators(seeds)

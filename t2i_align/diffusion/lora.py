@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
+# The loader mixin, not StableDiffusionPipeline: importing the pipeline pulls transformers' image processors,
+# which warn twice when torchvision is not installed.
+from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 
@@ -16,7 +18,8 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def export_lora(generator: Generator, out_dir: str | Path) -> Path:
-    """Write ``out_dir/pytorch_lora_weights.safetensors`` (with rank/alpha metadata) atomically."""
+    """Write ``out_dir/pytorch_lora_weights.safetensors`` (with rank/alpha metadata) atomically; other files
+    in ``out_dir`` (earlier ``step_<N>`` exports) are kept."""
     if generator.config.lora is None:
         raise ValueError("export_lora needs a LoRA generator; this one fine-tunes the full UNet")
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(generator.unet))
@@ -24,9 +27,12 @@ def export_lora(generator: Generator, out_dir: str | Path) -> Path:
     # The adapter config travels as safetensors metadata, so loaders recover rank and alpha.
     metadata = generator.lora_config().to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
-    return Path(out_dir) / LORA_WEIGHT_NAME
+    target = Path(out_dir) / LORA_WEIGHT_NAME
+    with atomic_path(target) as tmp:
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            tmp.parent, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, weight_name=tmp.name
+        )
+    return target
 
 
 def export_trained_weights(generator: Generator, out_dir: str | Path) -> Path:

@@ -117,14 +117,44 @@ class AlignmentModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        expected, found = self.trainable_keys(), set(checkpoint.get("state_dict", {}))
-        if expected != found:
-            missing, unexpected = sorted(expected - found), sorted(found - expected)
-            raise RuntimeError(
-                f"the checkpoint's trainable state does not fit this model: {len(missing)} missing keys "
-                f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}. Was it trained with another "
-                "LoRA rank/target_modules, or with full fine-tuning?"
-            )
+        check_trainable_state(checkpoint.get("state_dict", {}), self, getattr(self._trainer, "ckpt_path", None))
         state = checkpoint.get("t2i_align", {})
         self.batches_started = int(state.get("batches_started", 0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+
+
+def _lora_ranks(shapes: dict[str, torch.Size]) -> list[int]:
+    return sorted({shape[0] for key, shape in shapes.items() if "lora_A" in key})
+
+
+def check_trainable_state(state: dict[str, torch.Tensor], module: AlignmentModule, path: str | None = None) -> None:
+    """Raise one sentence naming the checkpoint when its trainable state does not fit ``module`` (other LoRA
+    rank or target modules, LoRA vs full fine-tuning) instead of PyTorch's line per mismatched tensor."""
+    where = f"checkpoint {path}" if path else "the checkpoint"
+    keys = module.trainable_keys()
+    params = {k: p for k, p in module.named_parameters() if k in keys}
+    expected, found = set(params), set(state)
+    if expected != found:
+        lora_here, lora_there = any("lora_" in k for k in expected), any("lora_" in k for k in found)
+        if lora_here != lora_there:
+            trained = "LoRA" if lora_there else "full UNet fine-tuning"
+            here = "LoRA" if lora_here else "full UNet fine-tuning"
+            raise RuntimeError(f"{where} was trained with {trained}; this model is set up for {here} "
+                               "(model.init_args.generator.lora)")
+        missing, unexpected = sorted(expected - found), sorted(found - expected)
+        raise RuntimeError(
+            f"{where} does not fit this model: {len(missing)} trainable tensors missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); was it trained with other LoRA target_modules "
+            "or another method?"
+        )
+    differing = [k for k in sorted(expected) if tuple(state[k].shape) != tuple(params[k].shape)]
+    if differing:
+        ranks_there = _lora_ranks({k: state[k].shape for k in differing})
+        ranks_here = _lora_ranks({k: params[k].shape for k in differing})
+        if ranks_there and ranks_here:
+            show = lambda r: str(r[0]) if len(r) == 1 else str(r)  # noqa: E731
+            raise RuntimeError(f"{where} was trained with LoRA rank {show(ranks_there)}; this model has rank "
+                               f"{show(ranks_here)} (model.init_args.generator.lora.rank)")
+        k = differing[0]
+        raise RuntimeError(f"{where} does not fit this model: {len(differing)} tensors differ in shape, e.g. {k} is "
+                           f"{tuple(state[k].shape)} there and {tuple(params[k].shape)} here")

@@ -48,17 +48,18 @@ def test_random_flip_flips_image_and_masks_together(make_pair_jsonl) -> None:
     assert any(flips) and not all(flips)
 
 
-def test_mask_of_other_size_is_aligned_to_its_image(tmp_path: Path, save_image) -> None:
-    img = np.zeros((30, 30, 3), np.uint8)
-    save_image(tmp_path / "a.png", img)
-    mask = np.zeros((10, 10), np.uint8)
-    mask[:5] = 255  # top half
-    save_image(tmp_path / "m.png", mask)
-    (tmp_path / "d.jsonl").write_text(
-        json.dumps({"file_name": "a.png", "text": "t", "attn_list": [["x", "m.png"]]})
-    )
-    m = PairDataset(tmp_path / "d.jsonl", resolution=8)[0]["masks"][0][1]
-    assert m[:3].all() and not m[5:].any()
+@pytest.mark.parametrize("mask_shape", [(10, 10), (30, 20)], ids=["smaller, same aspect", "other aspect"])
+def test_mask_of_other_size_than_its_image_is_refused(tmp_path: Path, save_image, mask_shape) -> None:
+    save_image(tmp_path / "a.png", np.zeros((30, 30, 3), np.uint8))
+    save_image(tmp_path / "ok.png", np.zeros((30, 30), np.uint8))
+    save_image(tmp_path / "m.png", np.zeros(mask_shape, np.uint8))
+    lines = [{"file_name": "a.png", "text": "t", "attn_list": [["x", "ok.png"]]},
+             {"file_name": "a.png", "text": "u", "attn_list": [["x", "ok.png"], ["dog", "m.png"]]}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    h, w = mask_shape
+    with pytest.raises(PairFileError, match=rf"d\.jsonl: line 2: the mask for 'dog' \(.*m\.png\) is {w}x{h} but its "
+                                           r"image is 30x30"):
+        PairDataset(tmp_path / "d.jsonl", resolution=8)
 
 
 def test_collate_pairs(make_pair_jsonl) -> None:

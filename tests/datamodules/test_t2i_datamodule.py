@@ -237,3 +237,32 @@ def test_trainer_checkpoint_resume(tmp_path: Path, prompt_files, hook: str) -> N
         # Lightning runs ModelCheckpoint.on_train_batch_end before the module's hook: one batch behind.
         assert saved["prompts"]["consumed"] == 3
         assert resumed.seen == full.seen[1:3]
+
+
+def test_texts_longer_than_the_text_encoder_reads_are_warned_once_per_set(tiny_sd, tmp_path, make_pair_jsonl):
+    """Over-long captions are truncated by the tokenizer: one warning per set, with the count and the first."""
+    import json
+    import warnings
+    from types import SimpleNamespace
+
+    from t2i_align.diffusion.generator import Generator, GeneratorConfig
+
+    pairs = make_pair_jsonl(3, with_masks=False)
+    records = [json.loads(line) for line in pairs.read_text().splitlines()]
+    records[1]["text"] = records[2]["text"] = " ".join(["red"] * 90)  # 90 words: > 77 tokens
+    pairs.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\n" + " ".join(["blue"] * 80) + "\n")
+    dm = T2IDataModule(train_pairs=PairSource(str(pairs)), val_prompts=[PromptSource(str(prompts))], resolution=8)
+    trainer = SimpleNamespace(world_size=1, global_rank=0,
+                              lightning_module=SimpleNamespace(generator=Generator(GeneratorConfig(pretrained=tiny_sd))))
+    dm.trainer = trainer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+        dm.setup("validate")  # checked once per datamodule
+    messages = [str(w.message) for w in caught if "text encoder" in str(w.message)]
+    assert len(messages) == 2
+    assert "2 of 3 texts are longer than the text encoder's 77 tokens" in messages[0]
+    assert "metadata.jsonl: line 2" in messages[0] and "92 tokens" in messages[0]  # start + 90 words + end
+    assert "1 of 2 texts" in messages[1] and "prompts.txt" in messages[1]

@@ -17,7 +17,7 @@ from diffusers import UNet2DConditionModel
 from t2i_align.cli import main as cli_main
 from t2i_align.datamodules import PairSource, T2IDataModule
 from t2i_align.diffusion.generator import GeneratorConfig
-from tests.helpers import REPO_ROOT, NaNFinetune, RecordSteps, trainable_digest
+from tests.helpers import REPO_ROOT, NaNFinetune, RecordSteps, tiny_fit_args, trainable_digest
 
 CONFIGS = Path(REPO_ROOT) / "configs"
 
@@ -45,21 +45,8 @@ def trainer_yaml(path: Path, every: int, record_dir: Path) -> str:
 
 def fit_args(tiny_sd, tiny_pairs, root: Path, max_steps: int, every: int = 3, extra=()) -> list[str]:
     root.mkdir(parents=True, exist_ok=True)
-    return [
-        "fit",
-        "--config", str(CONFIGS / "trainer/cpu.yaml"),
-        "--config", str(CONFIGS / "method/finetune.yaml"),
-        "--config", str(CONFIGS / "model/tiny.yaml"),
-        "--config", str(CONFIGS / "data/tiny_pairs.yaml"),
-        "--config", trainer_yaml(root / "trainer.yaml", every, root / "record"),
-        f"--model.init_args.generator.pretrained={tiny_sd}",
-        f"--data.init_args.train_pairs.path={tiny_pairs}",
-        f"--data.init_args.val_pairs.path={tiny_pairs}",
-        "--data.init_args.batch_size=2",
-        f"--trainer.default_root_dir={root}",
-        f"--trainer.max_steps={max_steps}",
-        *extra,
-    ]
+    trainer = trainer_yaml(root / "trainer.yaml", every, root / "record")
+    return [*tiny_fit_args(tiny_sd, tiny_pairs, root, max_steps, trainer), *extra]
 
 
 def final_state(root: Path) -> dict:
@@ -118,7 +105,7 @@ def test_checkpoint_holds_only_trainable_state(tiny_sd, tiny_pairs, tmp_path):
 
 def test_checkpoint_from_another_lora_config_is_refused(tiny_sd, tiny_pairs, tmp_path):
     cli_main(fit_args(tiny_sd, tiny_pairs, tmp_path / "r4", max_steps=1, every=1))
-    with pytest.raises(RuntimeError, match="does not fit this model"):
+    with pytest.raises(RuntimeError, match="was trained with LoRA; this model is set up for full UNet fine-tuning"):
         cli_main(fit_args(tiny_sd, tiny_pairs, tmp_path / "full", max_steps=2, every=1,
                           extra=["--config", str(CONFIGS / "model/full_unet.yaml"),
                                  f"--ckpt_path={tmp_path / 'r4' / 'checkpoints' / 'last.ckpt'}"]))
