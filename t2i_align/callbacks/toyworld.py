@@ -8,11 +8,12 @@ from typing import Sequence
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
 from t2i_align.callbacks.evaluation import EvalItem, GenerativeEvaluation
 from t2i_align.io import atomic_path
-from t2i_align.toyworld.evaluation import accumulate, load_items, metric_keys, score_batch, summarise
+from t2i_align.toyworld.evaluation import accumulate, judge_records, load_items, metric_keys, summarise
 from t2i_align.toyworld.judge import ToyJudge
 from t2i_align.toyworld.splits import EVAL_CATEGORIES
 
@@ -30,6 +31,9 @@ class ToyWorldEvaluation(GenerativeEvaluation):
         evaluate_before_fit: also evaluate the starting weights when training starts (logged at step 0);
             when fit ends, rank 0 prints the metrics before and after side by side and writes them to
             ``<default_root_dir>/toy_eval.json``.
+        per_image: also write every image's result (item key, category, prompt, seed, metrics and each
+            clause's verdict: ``toyworld.metrics.clause_verdicts``), one JSON line per image in item order, to
+            ``<default_root_dir>/toy_eval/per_image_step_<N>.jsonl`` (rank 0, gathered from all ranks).
         images_per_prompt, num_inference_steps, guidance_scale, scheduler, batch_size, seed, log_samples:
             as in :class:`GenerativeEvaluation`.
     """
@@ -39,7 +43,7 @@ class ToyWorldEvaluation(GenerativeEvaluation):
     def __init__(self, prompts_dir: str, categories: list[str] | None = None, per_category: int | None = 16,
                  images_per_prompt: int = 1, num_inference_steps: int = 25, guidance_scale: float = 5.0,
                  scheduler: str = "ddim", batch_size: int = 16, seed: int = 0, log_samples: int = 16,
-                 evaluate_before_fit: bool = False) -> None:
+                 evaluate_before_fit: bool = False, per_image: bool = False) -> None:
         super().__init__(None, images_per_prompt, num_inference_steps, guidance_scale, scheduler, batch_size, seed,
                          log_samples)
         self.prompts_dir, self.per_category = prompts_dir, per_category
@@ -47,6 +51,8 @@ class ToyWorldEvaluation(GenerativeEvaluation):
         self.keys = metric_keys(self.categories)
         self.judge = ToyJudge()  # not a module: nothing of it is broadcast by DDP or saved in checkpoints
         self.evaluate_before_fit = evaluate_before_fit
+        self.per_image = per_image
+        self.records: list[dict] = []
         self.before: dict[str, float] | None = None
         self.after: dict[str, float] | None = None
 
@@ -59,10 +65,14 @@ class ToyWorldEvaluation(GenerativeEvaluation):
     def reset(self, pl_module: L.LightningModule) -> None:
         self.sums = torch.zeros(len(self.keys), dtype=torch.float64)
         self.counts = torch.zeros(len(self.keys), dtype=torch.float64)
+        self.records = []
 
     def update(self, images: torch.Tensor, items: Sequence[EvalItem], pl_module) -> list[dict]:
-        scores = score_batch(images, items, self.judge)
+        records = judge_records(images, items, self.judge)
+        scores = [r["scores"] for r in records]
         accumulate(self.sums, self.counts, self.keys, items, scores)
+        if self.per_image:
+            self.records += records
         return scores
 
     def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
@@ -70,7 +80,23 @@ class ToyWorldEvaluation(GenerativeEvaluation):
         device = pl_module.device
         sums = trainer.strategy.reduce(self.sums.to(device), reduce_op="sum").cpu()
         counts = trainer.strategy.reduce(self.counts.to(device), reduce_op="sum").cpu()
+        if self.per_image:
+            self._write_records(trainer)
         return {f"toy/{k}": v for k, v in summarise(self.keys, sums, counts).items()}
+
+    def _write_records(self, trainer: L.Trainer) -> None:
+        records = self.records
+        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:  # every rank joins the gather
+            parts: list = [None] * trainer.world_size
+            dist.all_gather_object(parts, records)
+            records = [r for part in parts for r in part]
+        if not trainer.is_global_zero:
+            return
+        order = {item.key: i for i, item in enumerate(self.items)}
+        records.sort(key=lambda r: order[r["key"]])
+        path = os.path.join(trainer.default_root_dir, "toy_eval", f"per_image_step_{trainer.global_step}.jsonl")
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def _run_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> dict[str, float]:
         metrics = super()._run_and_log(trainer, pl_module, prefix)

@@ -16,11 +16,11 @@ from t2i_align.callbacks.evaluation import EvalItem
 from t2i_align.datamodules.prompts import read_prompts
 from t2i_align.lightning_modules.base import derive_seed
 from t2i_align.toyworld.judge import ToyJudge
-from t2i_align.toyworld.metrics import score_image
+from t2i_align.toyworld.metrics import clause_verdicts, score_image
 from t2i_align.toyworld.splits import EVAL_CATEGORIES
 from t2i_align.toyworld.world import parse_prompt
 
-METRICS = ("all_clauses", "object_accuracy", "tifa", "mg2", "mg3", "mg4")
+METRICS = ("all_clauses", "object_accuracy", "object_missing", "attribute_wrong", "tifa", "mg2", "mg3", "mg4")
 
 
 def load_items(prompts_dir: str | Path, categories: Sequence[str] | None = None, per_category: int | None = None,
@@ -43,8 +43,17 @@ def metric_keys(categories: Sequence[str]) -> list[str]:
 
 def score_batch(images: torch.Tensor, items: Sequence[EvalItem], judge: ToyJudge) -> list[dict[str, float]]:
     """The toy metrics of each image (float ``B x 3 x H x W`` in [0, 1]) for its item's prompt."""
-    return [score_image(parse_prompt(item.prompt), found)
-            for item, found in zip(items, judge.detect_batch(images.float().cpu()))]
+    return [record["scores"] for record in judge_records(images, items, judge)]
+
+
+def judge_records(images: torch.Tensor, items: Sequence[EvalItem], judge: ToyJudge) -> list[dict]:
+    """Per image: its item (key, category, prompt, seed), the toy metrics and each clause's verdict."""
+    records = []
+    for item, found in zip(items, judge.detect_batch(images.float().cpu())):
+        spec = parse_prompt(item.prompt)
+        records.append({"key": item.key, "category": item.group, "prompt": item.prompt, "seed": item.seed,
+                        "scores": score_image(spec, found), "clauses": clause_verdicts(spec, found)})
+    return records
 
 
 def accumulate(sums: torch.Tensor, counts: torch.Tensor, keys: list[str], items: Sequence[EvalItem],

@@ -62,6 +62,33 @@ def test_callback_logs_toy_metrics_and_a_grid(prompts_dir, tmp_path):
     assert (tmp_path / "samples" / "toy" / "step_0.png").exists()
 
 
+def test_callback_writes_every_image_with_its_clauses(prompts_dir, tmp_path):
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.generator = RenderingGenerator(swap_colours=True)
+            self.layer = torch.nn.Linear(1, 1)
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+    callback = ToyWorldEvaluation(str(prompts_dir), categories=["color_binding", "counting"], per_category=3,
+                                  images_per_prompt=2, batch_size=4, log_samples=0, per_image=True)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(Module(), dataloaders=torch.utils.data.DataLoader([0]))
+    lines = (tmp_path / "toy_eval" / "per_image_step_0.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["key"] for r in records] == [it.key for it in callback.items]  # every image once, in item order
+    assert {r["category"] for r in records} == {"color_binding", "counting"} and len({r["seed"] for r in records}) == 12
+    binding = [r for r in records if r["category"] == "color_binding"]
+    # swapped colours: both shapes drawn, each in the other's colour
+    assert all(r["scores"]["all_clauses"] == 0 and r["scores"]["attribute_wrong"] == 1 for r in binding)
+    assert all([c["verdict"] for c in r["clauses"]] == ["wrong_attribute", "wrong_attribute"] for r in binding)
+    mean = sum(r["scores"]["all_clauses"] for r in records) / len(records)
+    assert mean == pytest.approx((callback.after or {}).get("all_clauses", mean))
+
+
 def test_callback_compares_before_and_after_fit(prompts_dir, tmp_path, caplog):
     class Module(L.LightningModule):
         """Binds colours wrongly until its first training step, then renders prompts exactly."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from t2i_align.datamodules import PairDataset
-from t2i_align.toyworld.metrics import aggregate, answer, questions, score_image
+from t2i_align.toyworld.metrics import aggregate, answer, clause_verdicts, questions, score_image
 from t2i_align.toyworld.splits import (
     EVAL_CATEGORIES,
     canonical_single_prompts,
@@ -92,6 +92,29 @@ def test_metrics_catch_binding_count_and_relation_errors():
     assert s["all_clauses"] == 0 and s["object_accuracy"] == 0.75 and s["mg3"] == 1 and s["mg4"] == 0
     q = [q for q in questions(counting) if q.element == "count"][0]
     assert q.answer == "3" and answer(q, objs) == "2"
+
+
+def test_missing_objects_are_told_apart_from_wrongly_drawn_ones():
+    spec = PromptSpec((Phrase("circle", colour="blue"), Phrase("square", colour="red")), "to the left of", "spatial")
+    blue_circle, red_square = Obj("circle", "blue", "big", "plain", 10, 30), Obj("square", "red", "big", "plain", 40, 30)
+    verdicts = lambda objs: [c["verdict"] for c in clause_verdicts(spec, objs)]  # noqa: E731
+    assert verdicts([blue_circle, red_square]) == ["ok", "ok", "ok"]
+    assert verdicts([red_square, replace(blue_circle, x=50)]) == ["ok", "ok", "wrong_relation"]
+    only_circle = score_image(spec, [blue_circle])
+    assert verdicts([blue_circle]) == ["ok", "missing", "objects_missing"]
+    assert (only_circle["object_accuracy"], only_circle["object_missing"], only_circle["attribute_wrong"]) == (0.5, 0.5, 0)
+    green_square = replace(red_square, colour="green")
+    wrong = score_image(spec, [blue_circle, green_square])
+    assert verdicts([blue_circle, green_square]) == ["ok", "wrong_attribute", "objects_missing"]
+    assert (wrong["object_accuracy"], wrong["object_missing"], wrong["attribute_wrong"]) == (0.5, 0, 0.5)
+    # an object that fits another phrase is that phrase's: a second blue circle for "a red circle" is missing
+    two = PromptSpec((Phrase("circle", colour="blue"), Phrase("circle", colour="red")))
+    assert [c["verdict"] for c in clause_verdicts(two, [blue_circle])] == ["ok", "missing"]
+    assert [c["verdict"] for c in clause_verdicts(two, [blue_circle, blue_circle])] == ["too_many", "missing"]
+    counting = parse_prompt("three green stars")
+    stars = [Obj("star", "green", "big", "plain", 10 + 15 * i, 10) for i in range(2)]
+    assert clause_verdicts(counting, stars)[0] | {} == {"clause": "three green stars", "verdict": "too_few", "right": 2,
+                                                       "wrong_attribute": 0, "missing": 1}
 
 
 def test_relation_rule():
