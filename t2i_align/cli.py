@@ -20,7 +20,13 @@ from lightning.pytorch.loggers import WandbLogger
 
 from t2i_align.io import CheckpointError, clean_stale_temporaries, load_checkpoint_file
 from t2i_align.lightning_modules.base import AlignmentModule
-from t2i_align.runs import CONFIG_KEY, is_checkpoint_file_path, output_roots, remove_unused_run_dir, resolve_ckpt_path
+from t2i_align.runs import (
+    CONFIG_KEY,
+    is_checkpoint_file_path,
+    output_roots,
+    remove_unused_run_dir,
+    resolve_ckpt_path,
+)
 
 DESCRIPTION = (
     "Fine-tune text-to-image diffusion models for text-image alignment (ReFL, ARL, ... on SD 1.x/2.x and "

@@ -78,7 +78,7 @@ class NaNFinetune(Finetune):
     def training_step(self, batch, batch_idx):
         if self.batches_started - 1 in self.nan_batches:
             pairs = pair_batch(batch)
-            loss = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_generator())
+            loss = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_rng())
             return self.guard_nonfinite(loss * float("nan"))
         return super().training_step(batch, batch_idx)
 
@@ -192,3 +192,19 @@ class RenderingGenerator:
             image, _ = render(scene)
             images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255)
         return SampleOutput(torch.zeros(len(prompts), 4, 8, 8), torch.stack(images), None, ())
+
+
+class RenderingModule(L.LightningModule):
+    """A LightningModule whose :meth:`sample` renders prompts exactly (or with colours swapped), like
+    ``AlignmentModule.sample``: for the evaluation callbacks' tests."""
+
+    def __init__(self, swap_colours: bool = False) -> None:
+        super().__init__()
+        self.generator = RenderingGenerator(swap_colours)
+        self.layer = torch.nn.Linear(1, 1)
+
+    def sample(self, prompts, seeds, **sampling):
+        return self.generator.sample(prompts, seeds, **sampling)
+
+    def validation_step(self, batch, batch_idx):
+        pass

@@ -153,3 +153,38 @@ def test_every_config_checkpoint_keeps_the_final_step():
                 assert cb["class_path"] == "t2i_align.callbacks.StepCheckpoint", path
                 assert cb.get("init_args", {}).get("save_last") is True, path
     assert found >= 3
+
+
+def _class_paths(node) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["class_path"]} if isinstance(node.get("class_path"), str) else set()
+        return found.union(*(_class_paths(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_class_paths(v) for v in node))
+    return set()
+
+
+def test_every_parameter_of_our_configured_classes_is_described():
+    """`--help` and `--print_config` take parameter descriptions from the docstrings (jsonargparse +
+    docstring_parser, base classes included): a parameter under a header the parser does not read has none."""
+    import importlib
+    import inspect
+
+    from jsonargparse._optionals import parse_docs
+
+    paths = set().union(*(_class_paths(yaml.safe_load(p.read_text())) for p in CONFIGS.rglob("*.yaml")))
+    ours = sorted(p for p in paths if p.startswith("t2i_align."))
+    assert len(ours) >= 10
+    undocumented = []
+    for path in ours:
+        module, name = path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        docs = parse_docs(cls.__init__, cls, None)
+        for base in cls.__mro__:  # parameters passed on through *args/**kwargs to our base classes too
+            if not base.__module__.startswith("t2i_align") or "__init__" not in vars(base):
+                continue
+            for param in inspect.signature(base.__init__).parameters.values():
+                if param.name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                    if param.name not in docs:
+                        undocumented.append(f"{path}: {param.name}")
+    assert not undocumented, undocumented

@@ -85,7 +85,9 @@ class CLIPScoreEvaluation(GenerativeEvaluation):
     """Mean CLIP score of the generated evaluation images with their prompts, logged as
     ``clip_<backbone>_x100`` (e.g. ``val/clip_L14_x100``).
 
-    Args (besides :class:`~t2i_align.callbacks.evaluation.GenerativeEvaluation`'s):
+    The sampler and prompt arguments are :class:`~t2i_align.callbacks.evaluation.GenerativeEvaluation`'s.
+
+    Args:
         pretrained: CLIP hub id or local folder (``openai/clip-vit-large-patch14``).
         backbone: name in the metric (default from ``pretrained``: ``L14``, ``B32``, or the folder name).
     """

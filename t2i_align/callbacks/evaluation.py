@@ -18,26 +18,14 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import lightning as L
 import torch
 import torch.distributed as dist
 
+from t2i_align.common import EvalItem, derive_seed, image_grid  # noqa: F401  (re-exported)
 from t2i_align.datamodules.prompts import Prompt, PromptSource, load_prompt_sources
-from t2i_align.lightning_modules.base import derive_seed
-
-
-@dataclass(frozen=True)
-class EvalItem:
-    """One image to generate: ``key`` is unique in the set; ``group`` lets subclasses aggregate (e.g. the
-    ToyWorld category or the TIFA prompt id)."""
-
-    key: str
-    prompt: str
-    seed: int
-    group: str = ""
 
 
 def make_items(prompts: Sequence[Prompt], images_per_prompt: int = 1, seed: int = 0) -> list[EvalItem]:
@@ -63,14 +51,17 @@ def eval_mode(module: torch.nn.Module):
 
 
 class GenerativeEvaluation(L.Callback):
-    """Base class. Args (shared by every evaluation callback):
+    """Base class of the evaluation callbacks; its arguments are shared by all of them.
 
-    prompts: prompt sets to generate (concatenated in order; ``weight`` is ignored).
-    images_per_prompt: images per prompt, each with its own fixed seed.
-    num_inference_steps, guidance_scale, scheduler: sampler settings.
-    batch_size: generation batch per rank.
-    seed: base of the per-item seeds.
-    log_samples: how many images (first items) to log per evaluation (0: none).
+    Args:
+        prompts: prompt sets to generate (concatenated in order; ``weight`` is ignored).
+        images_per_prompt: images per prompt, each with its own fixed seed.
+        num_inference_steps: sampler steps.
+        guidance_scale: classifier-free guidance scale.
+        scheduler: ``ddim`` or ``ddpm``.
+        batch_size: generation batch per rank.
+        seed: base of the per-item seeds.
+        log_samples: how many images (first items) to log per evaluation (0: none).
     """
 
     name = "eval"
@@ -124,7 +115,7 @@ class GenerativeEvaluation(L.Callback):
         with torch.no_grad(), eval_mode(pl_module):
             for start in range(0, len(mine), self.batch_size):
                 batch = mine[start:start + self.batch_size]
-                images = pl_module.generator.sample([it.prompt for it in batch], [it.seed for it in batch],
+                images = pl_module.sample([it.prompt for it in batch], [it.seed for it in batch],
                                                     **self.sampling).images.float().clamp(0, 1)
                 scores = self.update(images, batch, pl_module) or [{} for _ in batch]
                 for j, (image, item, s) in enumerate(zip(images, batch, scores)):
@@ -177,17 +168,3 @@ class GenerativeEvaluation(L.Callback):
                         for _, it, img, s in kept]
                 logger.log_table(f"samples/{self.name}", columns=["prompt", "seed", "image", *score_keys], data=rows,
                                  step=trainer.global_step)
-
-
-def image_grid(images: Sequence[torch.Tensor], columns: int = 8, gap: int = 2):
-    """A PIL grid of B x 3 x H x W images in [0, 1], ``gap`` white pixels apart."""
-    from PIL import Image
-
-    columns = min(columns, len(images))
-    rows = -(-len(images) // columns)
-    h, w = images[0].shape[-2:]
-    grid = Image.new("RGB", (columns * (w + gap), rows * (h + gap)), (255, 255, 255))
-    for i, img in enumerate(images):
-        arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        grid.paste(Image.fromarray(arr), ((i % columns) * (w + gap), (i // columns) * (h + gap)))
-    return grid

@@ -117,7 +117,9 @@ def count_tag(n: int) -> str:
 class FIDEvaluation(GenerativeEvaluation):
     """FID of the generated evaluation images against a folder of real images.
 
-    Args (besides :class:`~t2i_align.callbacks.evaluation.GenerativeEvaluation`'s):
+    The sampler and prompt arguments are :class:`~t2i_align.callbacks.evaluation.GenerativeEvaluation`'s.
+
+    Args:
         reference_dir: folder of real images (e.g. COCO val 2014; searched recursively).
         feature: Inception layer width (2048: the standard pool features; needs ``weights_path`` to the
             ``pt_inception-2015-12-05`` weights and torch-fidelity) or a feature module given by

@@ -20,9 +20,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from t2i_align.callbacks.evaluation import EvalItem, GenerativeEvaluation
+from t2i_align.common import derive_seed
 from t2i_align.experts.text_embedding import Embedder
 from t2i_align.experts.vqa import BlipVQA, VQAModel
-from t2i_align.lightning_modules.base import derive_seed
 
 _REQUIRED = ("id", "caption", "question", "choices", "answer", "element_type")
 
@@ -108,7 +108,10 @@ class TIFAEvaluation(GenerativeEvaluation):
     """TIFA during training: generate each caption of a TIFA question file, answer its questions with a
     VQA model, and log ``tifa_<vqa>/average`` and ``tifa_<vqa>/<element type>`` (accuracy per type).
 
-    Args (besides :class:`~t2i_align.callbacks.evaluation.GenerativeEvaluation`'s; ``prompts`` is unused):
+    The sampler arguments are :class:`~t2i_align.callbacks.evaluation.GenerativeEvaluation`'s; its ``prompts`` is
+    unused (the captions come from ``questions``).
+
+    Args:
         questions: TIFA question-answer JSON (e.g. ``tifa_v1.0_question_answers.json``; ToyWorld's build
             writes ``prompts/eval_tifa.json``).
         vqa: the VQA model (``class_path``): default ``t2i_align.experts.vqa.BlipVQA``; ToyWorld uses

@@ -34,8 +34,6 @@ class ToyWorldEvaluation(GenerativeEvaluation):
         per_image: also write every image's result (item key, category, prompt, seed, metrics and each
             clause's verdict: ``toyworld.metrics.clause_verdicts``), one JSON line per image in item order, to
             ``<default_root_dir>/toy_eval/per_image_step_<N>.jsonl`` (rank 0, gathered from all ranks).
-        images_per_prompt, num_inference_steps, guidance_scale, scheduler, batch_size, seed, log_samples:
-            as in :class:`GenerativeEvaluation`.
     """
 
     name = "toy"

@@ -25,12 +25,12 @@ from typing import Sequence
 import lightning as L
 from torch.utils.data import DataLoader
 
+from t2i_align.common import derive_seed
 from t2i_align.datamodules.datamodule import check_for_generator
 from t2i_align.datamodules.prompts import Prompt, PromptSource, read_prompts
 from t2i_align.datamodules.sampler import ShardSampler
 from t2i_align.io import atomic_path
 from t2i_align.runs import config_differences
-from t2i_align.lightning_modules.base import derive_seed
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,9 @@ class BenchmarkExportData(L.LightningDataModule):
         layout: ``t2i_compbench`` | ``geneval`` | ``dpg_bench`` | ``tifa`` | ``multigen``.
         output_dir: where the layout is written.
         images_per_prompt: override the layout's default (10, 4, 4 in a grid, 1, 10).
-        num_inference_steps, guidance_scale, scheduler: sampler settings (also written to
-            ``output_dir/export.json``).
+        num_inference_steps: sampler steps (the sampler settings are recorded in ``output_dir/export.json``).
+        guidance_scale: classifier-free guidance scale.
+        scheduler: ``ddim`` or ``ddpm``.
         batch_size: output files per generation batch and rank.
         seed: base of the per-image seeds.
     """

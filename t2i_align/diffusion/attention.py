@@ -1,8 +1,10 @@
-"""Cross-attention capture for the chosen ``attn2`` layers of a diffusers UNet.
+"""Attention capture and editing for chosen layers of a diffusers UNet, keyed by layer name.
 
-Only the cross-attention layers that a method asks for get :class:`CaptureProcessor`; every other
-layer keeps PyTorch SDPA. When the store is not recording, the capture processor also runs SDPA, so
-installing it costs nothing outside the calls that need maps.
+Only the layers that a method asks for get :class:`CaptureProcessor` (cross-attention ``attn2`` by default,
+self-attention ``attn1`` when named); every other layer keeps PyTorch SDPA. A processor materialises the
+attention only when its store records or an :class:`ScoreEdit` applies to its layer at the current step;
+otherwise it runs SDPA too, so installing it costs nothing outside the calls that need it. An edit changes
+the pre-softmax scores (``scale * q k^T`` plus the mask) and capture sees the edited probabilities.
 
 Maps are keyed by (step, layer name), never by a running counter: gradient checkpointing re-runs the
 forward during backward, and that re-run does not store (``AttentionStore.replay``) (see ``Generator.unet_forward``).
@@ -13,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Container, Iterator, Sequence
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -34,6 +37,34 @@ def cross_attention_layer_names(unet: torch.nn.Module, prefixes: tuple[str, ...]
     return names
 
 
+@dataclass(frozen=True)
+class EditContext:
+    """Where an edit is applied: ``cfg`` means the batch is ``[uncond; cond]`` (edit ``chunk(2)[1]`` to change
+    the conditional branch only); ``latent_hw`` is the latent size of the call (map side = latent side / factor)."""
+
+    layer: str
+    step: int
+    heads: int
+    cfg: bool
+    latent_hw: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class ScoreEdit:
+    """Change the pre-softmax attention scores of ``layers`` at the sampling ``steps`` (None: every step).
+
+    ``fn(scores, context) -> scores`` receives ``[B * heads, N, T]`` scores (``T`` tokens for cross-attention,
+    ``N`` for self-attention) and an :class:`EditContext`; it returns scores of the same shape.
+    """
+
+    fn: Callable[[torch.Tensor, EditContext], torch.Tensor]
+    layers: Sequence[str]
+    steps: Container[int] | None = None
+
+    def applies(self, layer: str, step: int) -> bool:
+        return layer in self.layers and (self.steps is None or step in self.steps)
+
+
 class AttentionStore:
     """Head-averaged cross-attention probabilities, ``maps[(step, layer)] -> Tensor[B, h, w, T]``.
 
@@ -47,7 +78,20 @@ class AttentionStore:
         self.step = 0
         self.cfg = False
         self.latent_hw: tuple[int, int] | None = None
+        self.edits: tuple[ScoreEdit, ...] = ()  # set by the sampler for one call
         self._replaying = 0
+
+    def edits_for(self, layer: str) -> list[ScoreEdit]:
+        return [e for e in self.edits if e.applies(layer, self.step)]
+
+    @contextlib.contextmanager
+    def at_step(self, step: int, cfg: bool, latent_hw: tuple[int, int], recording: bool) -> Iterator[None]:
+        """Context of one UNet call of the sampler: its step (for edits and map keys), CFG layout and size."""
+        self.step, self.cfg, self.latent_hw, self.recording = step, cfg, latent_hw, recording
+        try:
+            yield
+        finally:
+            self.recording = False
 
     def clear(self) -> None:
         self.maps.clear()
@@ -116,7 +160,8 @@ class AttentionStore:
 
 
 class CaptureProcessor:
-    """Attention processor that materialises softmax probabilities while its store records."""
+    """Attention processor that materialises the softmax probabilities while its store records or an edit
+    applies (then it computes scores, edits, softmax, stores, as diffusers' ``get_attention_scores``)."""
 
     def __init__(self, store: AttentionStore, layer: str) -> None:
         self.store, self.layer = store, layer
@@ -131,10 +176,11 @@ class CaptureProcessor:
         temb: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        if not self.store.recording:
+        edits = self.store.edits_for(self.layer)
+        if not self.store.recording and not edits:
             return self.sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3:
-            raise NotImplementedError(f"attention capture supports SD transformer-block cross-attention only ({self.layer})")
+            raise NotImplementedError(f"attention capture supports SD transformer-block attention only ({self.layer})")
         residual = hidden_states
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
@@ -144,8 +190,9 @@ class CaptureProcessor:
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
         key = attn.head_to_batch_dim(attn.to_k(context))
         value = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        self.store.add(self.layer, probs, attn.heads)
+        probs = scores_to_probs(attn, query, key, attention_mask, edits, self._context(attn))
+        if self.store.recording:
+            self.store.add(self.layer, probs, attn.heads)
         out = attn.batch_to_head_dim(torch.bmm(probs, value))
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -153,8 +200,38 @@ class CaptureProcessor:
         return out / attn.rescale_output_factor
 
 
+    def _context(self, attn: Attention) -> EditContext:
+        store = self.store
+        return EditContext(self.layer, store.step, attn.heads, store.cfg, store.latent_hw)
+
+
+def scores_to_probs(attn: Attention, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                    edits: Sequence[ScoreEdit], context: EditContext) -> torch.Tensor:
+    """``softmax(edit(scale * q k^T + mask))`` with diffusers' upcasting rules (``Attention.get_attention_scores``
+    computes the same without the edit)."""
+    dtype = query.dtype
+    if attn.upcast_attention:
+        query, key = query.float(), key.float()
+    if mask is None:
+        base, beta = torch.empty(query.shape[0], query.shape[1], key.shape[1], dtype=query.dtype, device=query.device), 0
+    else:
+        base, beta = mask, 1
+    scores = torch.baddbmm(base, query, key.transpose(-1, -2), beta=beta, alpha=attn.scale)
+    if attn.upcast_softmax:
+        scores = scores.float()
+    for edit in edits:
+        scores = edit.fn(scores, context)
+    return scores.softmax(dim=-1).to(dtype)
+
+
+def self_attention_layer_names(unet: torch.nn.Module, prefixes: tuple[str, ...] | list[str] = DEFAULT_LAYER_PREFIXES) -> list[str]:
+    """Module names of the ``attn1`` (self-attention) layers whose name starts with one of ``prefixes``."""
+    return [name for name, module in unet.named_modules()
+            if isinstance(module, Attention) and name.endswith("attn1") and name.startswith(tuple(prefixes))]
+
+
 def install_capture(unet: torch.nn.Module, layers: list[str], store: AttentionStore) -> None:
-    """Give ``layers`` (names from :func:`cross_attention_layer_names`) a capture processor; keep the rest."""
+    """Give ``layers`` (cross- or self-attention layer names) a capture processor; keep the rest."""
     modules = dict(unet.named_modules())
     for name in layers:
         module = modules.get(name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from t2i_align.diffusion.attention import AttentionStore, cross_attention_layer_names, install_capture
+from t2i_align.diffusion.attention import (
+    AttentionStore,
+    CaptureProcessor,
+    ScoreEdit,
+    cross_attention_layer_names,
+    install_capture,
+)
 from t2i_align.diffusion.loading import load_sd_components
 from t2i_align.diffusion.policies import GradientPolicy, NoGrad
 
@@ -154,6 +160,16 @@ class Generator(nn.Module):
         install_capture(self.unet, layers or cross_attention_layer_names(self.unet), self.attention_store)
         return self.attention_store
 
+    def _ensure_processors(self, layers: Sequence[str]) -> AttentionStore:
+        """The store, with a capture/edit processor on each of ``layers`` (others keep theirs)."""
+        store = self.attention_store or AttentionStore()
+        self.attention_store = store
+        processors = self.unet.attn_processors  # "<layer>.processor" -> processor
+        missing = [name for name in layers if not isinstance(processors.get(f"{name}.processor"), CaptureProcessor)]
+        if missing:
+            install_capture(self.unet, missing, store)
+        return store
+
     def autocast(self):
         if self.weight_dtype == torch.float32:
             return contextlib.nullcontext()
@@ -180,11 +196,11 @@ class Generator(nn.Module):
         return self._empty_embedding
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [0, 1] -> scaled VAE latents (a sample of the posterior, seeded by ``generator``)."""
+    def encode_images(self, pixels: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> scaled VAE latents (a sample of the posterior, drawn with ``rng``)."""
         with self.autocast():
             dist = self.vae.encode((pixels * 2 - 1).to(self.vae.dtype)).latent_dist
-        noise = randn_tensor(dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
+        noise = randn_tensor(dist.mean.shape, generator=rng, device=dist.mean.device, dtype=dist.mean.dtype)
         return (dist.mean + dist.std * noise).float() * self.vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -225,20 +241,20 @@ class Generator(nn.Module):
         self,
         pixels: torch.Tensor,
         prompts: Sequence[str],
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
         record_attention: bool = False,
     ) -> torch.Tensor:
         """The plain latent-diffusion loss (MSE to epsilon or v) on image-caption pairs.
 
-        ``generator`` fixes the VAE posterior sample, the noise and the timesteps, so a step is exactly
+        ``rng`` fixes the VAE posterior sample, the noise and the timesteps, so a step is exactly
         reproducible from its seed (this is what makes resume bit-for-bit on CPU).
         """
         for side in pixels.shape[-2:]:
             self.check_resolution(side, "image side")
-        latents = self.encode_images(pixels.to(self.device), generator)
-        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        latents = self.encode_images(pixels.to(self.device), rng)
+        noise = randn_tensor(latents.shape, generator=rng, device=latents.device, dtype=latents.dtype)
         steps = self.train_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
+        t = torch.randint(0, steps, (latents.shape[0],), generator=rng).to(latents.device)
         noisy = self.train_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.train_scheduler.get_velocity(latents, noise, t)
         embeddings = self.encode_prompts(prompts)
@@ -265,11 +281,13 @@ class Generator(nn.Module):
         scheduler: Literal["ddim", "ddpm"] = "ddim",
         eta: float = 0.0,
         policy: GradientPolicy | None = None,
-        policy_generator: torch.Generator | None = None,
+        policy_rng: torch.Generator | None = None,
         resolution: int | None = None,
         decode: bool = True,
         record_attention: bool | Sequence[int] = False,
         embeddings: torch.Tensor | None = None,
+        attention_edits: Sequence[ScoreEdit] = (),
+        step_hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
     ) -> SampleOutput:
         """Generate from per-sample seeded noise with the gradient rule of ``policy``.
 
@@ -277,11 +295,16 @@ class Generator(nn.Module):
         on, the scheduler update stays in the graph. ``record_attention``: True records the grad steps
         (or every step under a no-grad policy); a sequence records exactly those step indices.
         With grad disabled by the caller (evaluation) nothing carries gradient whatever the policy.
+
+        ``attention_edits`` change the pre-softmax attention scores of named layers at chosen steps
+        (:class:`~t2i_align.diffusion.attention.ScoreEdit`; capture in the same call sees the edited maps).
+        ``step_hook(i, t, latents)`` runs after each scheduler step (as diffusers' ``callback_on_step_end``); a
+        tensor it returns replaces the latents of the next step.
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         policy = policy or NoGrad()
-        plan = policy.plan(num_inference_steps, policy_generator)
+        plan = policy.plan(num_inference_steps, policy_rng)
         sched = self.make_scheduler(scheduler, num_inference_steps)
         grad_allowed = torch.is_grad_enabled()
         cfg = guidance_scale > 1.0
@@ -302,28 +325,38 @@ class Generator(nn.Module):
             record_steps = set(record_attention or ())
         if record_steps and self.attention_store is None:
             self.enable_attention_capture()
+        if attention_edits:
+            self._ensure_processors([layer for edit in attention_edits for layer in edit.layers])
         store = self.attention_store
         if store is not None:
             store.clear()
-
-        in_graph = False  # becomes True at the first grad step: later updates stay differentiable
-        for i, t in enumerate(sched.timesteps):
-            grad_step = grad_allowed and i in plan.grad_steps
-            x = latents.detach() if (grad_step and plan.detach_input) else latents
-            x_in = sched.scale_model_input(torch.cat([x, x]) if cfg else x, t)
-            rec = store.record(i, cfg, (latent_side, latent_side)) if i in record_steps else contextlib.nullcontext()
-            with torch.set_grad_enabled(grad_step), rec:
-                out = self.unet_forward(x_in, t, cond, use_checkpoint=grad_step and self.config.gradient_checkpointing)
-            if cfg:
-                uncond, text = out.chunk(2)
-                out = uncond + guidance_scale * (text - uncond)
-            if plan.stop_at == i:
-                latents = self.predict_x0(sched, latents, out, t)
-                break
-            in_graph = in_graph or grad_step
-            with torch.set_grad_enabled(in_graph):
-                step_kwargs = {"eta": eta} if scheduler == "ddim" else {}
-                latents = sched.step(out, t, latents, generator=gens, **step_kwargs).prev_sample
+            store.edits = tuple(attention_edits)
+        try:
+            in_graph = False  # becomes True at the first grad step: later updates stay differentiable
+            for i, t in enumerate(sched.timesteps):
+                grad_step = grad_allowed and i in plan.grad_steps
+                x = latents.detach() if (grad_step and plan.detach_input) else latents
+                x_in = sched.scale_model_input(torch.cat([x, x]) if cfg else x, t)
+                at_step = (store.at_step(i, cfg, (latent_side, latent_side), i in record_steps) if store is not None
+                           else contextlib.nullcontext())
+                with torch.set_grad_enabled(grad_step), at_step:
+                    out = self.unet_forward(x_in, t, cond, use_checkpoint=grad_step and self.config.gradient_checkpointing)
+                if cfg:
+                    uncond, text = out.chunk(2)
+                    out = uncond + guidance_scale * (text - uncond)
+                if plan.stop_at == i:
+                    latents = self.predict_x0(sched, latents, out, t)
+                    break
+                in_graph = in_graph or grad_step
+                with torch.set_grad_enabled(in_graph):
+                    step_kwargs = {"eta": eta} if scheduler == "ddim" else {}
+                    latents = sched.step(out, t, latents, generator=gens, **step_kwargs).prev_sample
+                if step_hook is not None:
+                    replaced = step_hook(i, t, latents)
+                    latents = latents if replaced is None else replaced
+        finally:
+            if store is not None:
+                store.edits = ()
         images = self.decode_latents(latents) if decode else None
         attention = store.snapshot() if record_steps else None
         return SampleOutput(latents, images, attention, tuple(sorted(plan.grad_steps)))

@@ -1,6 +1,6 @@
 """Gradient policies: which denoising steps of a sampling chain carry gradient (METHODS.md §0).
 
-A policy turns the number of steps and a random generator into a :class:`StepPlan`. The sampler
+A policy turns the number of steps and a random number generator (``rng``) into a :class:`StepPlan`. The sampler
 runs every other UNet call under ``no_grad``; from the first grad step on, the scheduler update
 stays differentiable (the "skip path" from later latents back to that step's prediction).
 """
@@ -19,26 +19,26 @@ class StepPlan:
     detach_input: bool = False  # detach the UNet input at grad steps (CoMat's SDXL code)
 
 
-def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
+def _randint(low: int, high: int, rng: torch.Generator | None) -> int:
     """Uniform integer in [low, high]."""
-    return int(torch.randint(low, high + 1, (1,), generator=generator).item())
+    return int(torch.randint(low, high + 1, (1,), generator=rng).item())
 
 
 class GradientPolicy:
     """Base class; subclasses implement :meth:`plan`."""
 
-    def plan(self, num_steps: int, generator: torch.Generator | None = None) -> StepPlan:
+    def plan(self, num_steps: int, rng: torch.Generator | None = None) -> StepPlan:
         raise NotImplementedError
 
 
 class NoGrad(GradientPolicy):
     """Every step without gradient (evaluation, data generation)."""
 
-    def plan(self, num_steps: int, generator: torch.Generator | None = None) -> StepPlan:
+    def plan(self, num_steps: int, rng: torch.Generator | None = None) -> StepPlan:
         return StepPlan(frozenset())
 
 
-class ReFL(GradientPolicy):
+class ReFLPolicy(GradientPolicy):
     """ImageReward's ReFL: no-grad steps 0..m-1, one grad UNet call at step m ~ U[min_step, max_step],
     then a one-step x0 prediction. Defaults are ImageReward's code (T = 40, m in [30, 39])."""
 
@@ -47,10 +47,10 @@ class ReFL(GradientPolicy):
             raise ValueError(f"ReFL needs 0 <= min_step <= max_step, got {min_step}, {max_step}")
         self.min_step, self.max_step = min_step, max_step
 
-    def plan(self, num_steps: int, generator: torch.Generator | None = None) -> StepPlan:
+    def plan(self, num_steps: int, rng: torch.Generator | None = None) -> StepPlan:
         if self.max_step >= num_steps:
             raise ValueError(f"ReFL max_step={self.max_step} must be < num_inference_steps={num_steps}")
-        m = _randint(self.min_step, self.max_step, generator)
+        m = _randint(self.min_step, self.max_step, rng)
         return StepPlan(frozenset({m}), stop_at=m)
 
 
@@ -62,14 +62,14 @@ class Strided(GradientPolicy):
             raise ValueError("Strided needs num_grad_steps >= 1 and stride >= 1")
         self.num_grad_steps, self.stride, self.detach_input = num_grad_steps, stride, detach_input
 
-    def plan(self, num_steps: int, generator: torch.Generator | None = None) -> StepPlan:
+    def plan(self, num_steps: int, rng: torch.Generator | None = None) -> StepPlan:
         span = (self.num_grad_steps - 1) * self.stride
         if span >= num_steps:
             raise ValueError(
                 f"Strided with {self.num_grad_steps} grad steps every {self.stride} needs more than {span} "
                 f"steps, got num_inference_steps={num_steps}"
             )
-        phase = _randint(0, min(self.stride - 1, num_steps - 1 - span), generator)
+        phase = _randint(0, min(self.stride - 1, num_steps - 1 - span), rng)
         steps = frozenset(phase + k * self.stride for k in range(self.num_grad_steps))
         return StepPlan(steps, detach_input=self.detach_input)
 
@@ -82,7 +82,7 @@ class LastK(GradientPolicy):
             raise ValueError(f"LastK needs k >= 1, got {k}")
         self.k, self.random_k = k, random_k
 
-    def plan(self, num_steps: int, generator: torch.Generator | None = None) -> StepPlan:
-        k = _randint(1, self.k, generator) if self.random_k else self.k
+    def plan(self, num_steps: int, rng: torch.Generator | None = None) -> StepPlan:
+        k = _randint(1, self.k, rng) if self.random_k else self.k
         k = min(k, num_steps)
         return StepPlan(frozenset(range(num_steps - k, num_steps)))

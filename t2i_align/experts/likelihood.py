@@ -16,13 +16,15 @@ import torch
 
 LABELS = ("certain", "may", "unlikely")
 
-# word stems in the order they are tested at each position: "unlikely" before "likely", "not sure" before "not"
+# Word stems in the order they are tried at each position: the uncertain phrases that contain a negation
+# ("not sure") before the negations ("not"), "unlikely" before "likely".
 _PATTERNS = [
+    ("may", r"not\s+sure|not\s+certain|uncertain|unsure"),
     ("unlikely", r"unlikely|improbable|impossible|not\s+likely|not\s+present|no\b|not\b|absent"),
-    ("may", r"may\b|maybe|might|possibl[ey]|perhaps|likely|could|probabl[ey]|not\s+sure|uncertain"),
+    ("may", r"may\b|maybe|might|possibl[ey]|perhaps|likely|could|probabl[ey]"),
     ("certain", r"certain(ly)?|definitely|sure(ly)?|yes\b|absolutely|must"),
 ]
-_REGEX = re.compile("|".join(f"(?P<{label}>{pattern})" for label, pattern in _PATTERNS), re.IGNORECASE)
+_REGEX = re.compile("|".join(f"(?P<g{i}>{pattern})" for i, (_, pattern) in enumerate(_PATTERNS)), re.IGNORECASE)
 
 DEFAULT_TEMPLATE = (
     'A picture was generated for the description: "{prompt}".\n'
@@ -37,7 +39,7 @@ def parse_likelihood(answer: str, default: str = "may") -> str:
     found = _REGEX.search(answer)
     if found is None:
         return default
-    return next(label for label in LABELS if found.group(label) is not None)
+    return _PATTERNS[int(found.lastgroup[1:])][0]
 
 
 @runtime_checkable

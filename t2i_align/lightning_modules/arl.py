@@ -22,20 +22,25 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
+from t2i_align.common import derive_seed
 from t2i_align.datamodules.prompts import Prompt
 from t2i_align.io import atomic_path, save_png
-from t2i_align.lightning_modules.base import derive_seed
 from t2i_align.lightning_modules.finetune import Finetune
 from t2i_align.rewards.base import Reward
 from t2i_align.rewards.ranking import average_ranks, rank_sum, select_candidates
 
 
 class ARL(Finetune):
-    """Args (besides :class:`AlignmentModule`'s):
+    """Assemble reward-ranked learning: per round, keep the best-ranked of K candidates per prompt, then
+    fine-tune on the kept pairs.
+
+    Args:
         rewards: name -> reward (``class_path`` each); every one ranks the candidates.
         candidates: K candidates per prompt (FineRewards: 10).
         output_dir: where the rounds are written (default ``<trainer.default_root_dir>/arl``).
-        num_inference_steps, guidance_scale, scheduler: the sampler of the candidates.
+        num_inference_steps: sampler steps of the candidates.
+        guidance_scale: classifier-free guidance of the candidates.
+        scheduler: sampler of the candidates (``ddim`` or ``ddpm``).
         generation_batch_size: images per generation / scoring call.
     """
 
@@ -84,7 +89,7 @@ class ARL(Finetune):
         images, scores = [], {name: [] for name in self.rewards}
         for start in range(0, k, self.generation_batch_size):
             chunk = seeds[start:start + self.generation_batch_size]
-            batch = self.generator.sample([prompt.text] * len(chunk), chunk, **self.sampling).images
+            batch = self.sample([prompt.text] * len(chunk), chunk, **self.sampling).images
             for name, s in self.score_candidates(batch, [prompt.text] * len(chunk)).items():
                 scores[name].append(s)
             images.append(batch.cpu())

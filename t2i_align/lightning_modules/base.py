@@ -3,23 +3,18 @@ sampler progress and adapter-only checkpoints."""
 
 from __future__ import annotations
 
-import hashlib
+from typing import Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from t2i_align.diffusion.generator import Generator, GeneratorConfig
+from t2i_align.common import derive_seed
+from t2i_align.diffusion.generator import Generator, GeneratorConfig, SampleOutput
 
 
 def _adamw(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any tuple of values (stable across processes and Python runs)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class AlignmentModule(L.LightningModule):
@@ -53,13 +48,20 @@ class AlignmentModule(L.LightningModule):
         # Checkpoints hold trainable state only; the frozen base is reloaded from `generator.pretrained`.
         self.strict_loading = False
 
-    # ---------------------------------------------------------------------------------- prediction
+    # ---------------------------------------------------------------------------------- sampling
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], **sampling) -> SampleOutput:
+        """The one way this method makes images: evaluation callbacks, benchmark exports (``predict``), ARL's
+        candidates and the ToyWorld evaluation all call it. ``sampling``: :meth:`Generator.sample`'s
+        arguments (``num_inference_steps``, ``guidance_scale``, ``scheduler``, ...). A method that changes how
+        images are made (an inference-time method) overrides this, and every metric and export sees it."""
+        return self.generator.sample(prompts, seeds, **sampling)
+
     def predict_step(self, batch, batch_idx: int) -> list[torch.Tensor]:
         """Images of a batch of export jobs (:class:`~t2i_align.datamodules.export.BenchmarkExportData`):
         one ``n x 3 x H x W`` tensor in [0, 1] per job (``n`` > 1 for grids)."""
         prompts = [p for p, seeds in zip(batch["prompts"], batch["seeds"]) for _ in seeds]
         seeds = [s for seeds in batch["seeds"] for s in seeds]
-        images = self.generator.sample(prompts, seeds, **batch["sampling"]).images.float().cpu()
+        images = self.sample(prompts, seeds, **batch["sampling"]).images.float().cpu()
         return list(images.split([len(s) for s in batch["seeds"]]))
 
     # ------------------------------------------------------------------------------ optimisation
@@ -70,7 +72,7 @@ class AlignmentModule(L.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def step_generator(self, stream: str = "train") -> torch.Generator:
+    def step_rng(self, stream: str = "train") -> torch.Generator:
         """Random generator for this batch: a function of (seed, stream, batch count, rank) only, so a
         resumed run draws exactly what the uninterrupted run would have drawn."""
         return torch.Generator("cpu").manual_seed(derive_seed(self.seed, stream, self.batches_started, self.global_rank))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torchmetrics import MeanMetric
 
-from t2i_align.lightning_modules.base import AlignmentModule, derive_seed
+from t2i_align.common import derive_seed
+from t2i_align.lightning_modules.base import AlignmentModule
 
 
 def pair_batch(batch: dict) -> dict:
@@ -27,7 +28,7 @@ class Finetune(AlignmentModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         pairs = pair_batch(batch)
-        loss = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_generator())
+        loss = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_rng())
         loss = self.guard_nonfinite(loss)
         if loss is not None:
             self.log("train/loss", loss, prog_bar=True, batch_size=len(pairs["captions"]))
@@ -38,8 +39,8 @@ class Finetune(AlignmentModule):
             return  # prompt-only validation sets are for the evaluation callbacks
         for pixels, caption, sample_id in zip(batch["pixel_values"], batch["captions"], batch["ids"]):
             # noise and timestep fixed by the sample id: independent of batch size and rank
-            gen = torch.Generator("cpu").manual_seed(derive_seed(self.seed, "val", sample_id))
-            loss = self.generator.denoising_loss(pixels[None], [caption], gen)
+            rng = torch.Generator("cpu").manual_seed(derive_seed(self.seed, "val", sample_id))
+            loss = self.generator.denoising_loss(pixels[None], [caption], rng)
             self.val_loss.update(loss)
 
     def on_validation_epoch_end(self) -> None:

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from t2i_align.diffusion.policies import ReFL as ReFLPolicy
+from t2i_align.diffusion.policies import ReFLPolicy
 from t2i_align.lightning_modules.finetune import Finetune
 from t2i_align.rewards.base import Reward
 
@@ -36,14 +36,17 @@ def prompt_list(batch: dict) -> list[str]:
 
 
 class ReFL(Finetune):
-    """Args (besides :class:`AlignmentModule`'s):
+    """Reward feedback learning: a reward loss on one-step-denoised samples plus L_pre on real pairs.
+
+    Args:
         reward: the reward model (``class_path``), e.g. :class:`~t2i_align.rewards.CaptionReward` with
             ``differentiable: true``. It must be differentiable in the pixels.
         reward_weight: lambda (1e-3 in ImageReward and RealignDiff).
         reward_loss: ``relu_margin`` (ReLU(margin - r)) or ``linear`` (-r).
         margin: the hinge of ``relu_margin`` (2.0 as in ImageReward's code).
         num_inference_steps: T of the sampling chain (ImageReward's code 40, RealignDiff 50).
-        min_step, max_step: the window of the grad step m (ImageReward: [30, 39] of 40).
+        min_step: first step the grad step m can be (ImageReward: 30 of 40).
+        max_step: last step the grad step m can be (ImageReward: 39 of 40).
         scheduler: sampler of the chain (``ddpm`` as in ImageReward's code, or ``ddim``).
         guidance_scale: CFG while sampling (1.0: none, as in ImageReward's code).
         pretrain_loss: ``sum`` (reward loss + L_pre every step), ``alternate`` (odd batches reward, even
@@ -92,10 +95,10 @@ class ReFL(Finetune):
     def phi(self, rewards: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.margin - rewards) if self.reward_loss == "relu_margin" else -rewards
 
-    def refl_loss(self, prompts: list[str], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(reward loss, rewards, grad step m) for one batch of prompts; noise and m come from ``generator``."""
-        seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator).tolist()
-        out = self.generator.sample(prompts, seeds, policy=self.policy, policy_generator=generator, **self.sampling)
+    def refl_loss(self, prompts: list[str], rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(reward loss, rewards, grad step m) for one batch of prompts; noise and m come from ``rng``."""
+        seeds = torch.randint(0, 2**62, (len(prompts),), generator=rng).tolist()
+        out = self.generator.sample(prompts, seeds, policy=self.policy, policy_rng=rng, **self.sampling)
         rewards = self.reward(out.images, prompts)
         return self.reward_weight * self.phi(rewards).mean(), rewards, out.plan_grad_steps[0]
 
@@ -103,12 +106,12 @@ class ReFL(Finetune):
         # batches_started is 1 at the first batch: alternate starts with the reward
         reward_turn = self.pretrain_loss != "alternate" or self.batches_started % 2 == 1
         pre_turn = self.pretrain_loss == "sum" or (self.pretrain_loss == "alternate" and not reward_turn)
-        gen = self.step_generator()
+        rng = self.step_rng()
         loss = torch.zeros((), device=self.device)
         logs = {}
         if reward_turn:
             prompts = prompt_list(batch)
-            reward_loss, rewards, m = self.refl_loss(prompts, gen)
+            reward_loss, rewards, m = self.refl_loss(prompts, rng)
             loss = loss + reward_loss
             logs.update({"train/reward": rewards.detach().mean(), "train/reward_loss": reward_loss.detach(),
                          "train/refl_step": float(m)})
@@ -117,7 +120,7 @@ class ReFL(Finetune):
                 raise ValueError("ReFL with pretrain_loss='%s' needs real image-caption pairs for L_pre: set "
                                  "data.init_args.train_pairs (or pretrain_loss: none)" % self.pretrain_loss)
             pairs = batch["pairs"]
-            pre = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], gen)
+            pre = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], rng)
             loss = loss + self.pretrain_weight * pre
             logs["train/pretrain_loss"] = pre.detach()
         loss = self.guard_nonfinite(loss)

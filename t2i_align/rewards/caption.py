@@ -30,7 +30,9 @@ from t2i_align.rewards.clip import _projected
 
 
 class CaptionReward(Reward):
-    """Args:
+    """RealignDiff's caption reward: caption the image, compare caption and prompt in CLIP text space.
+
+    Args:
         captioner: hub id or local folder of a transformers BLIP captioning model
             (``BlipForConditionalGeneration`` + ``BlipProcessor``, e.g.
             ``Salesforce/blip-image-captioning-large``; ToyWorld: ``models/toyworld/captioner``).

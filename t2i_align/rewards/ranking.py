@@ -15,8 +15,9 @@ import torch
 
 def average_ranks(scores: torch.Tensor) -> torch.Tensor:
     """Ranks along the last dimension, 1 for the highest score; tied scores share their mean rank
-    (``[0.2, 0.9, 0.9]`` -> ``[3, 1.5, 1.5]``)."""
-    s = scores.double()
+    (``[0.2, 0.9, 0.9]`` -> ``[3, 1.5, 1.5]``). A NaN score (a reward that failed on that image) ranks last,
+    below every number (NaN compares false with everything and would otherwise rank first)."""
+    s = scores.double().nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
     higher = (s.unsqueeze(-1) < s.unsqueeze(-2)).sum(-1)  # how many candidates score strictly higher
     ties = (s.unsqueeze(-1) == s.unsqueeze(-2)).sum(-1)  # including itself
     return (1 + higher + (ties - 1) / 2).double()

@@ -29,7 +29,9 @@ def sam_score(labels: list[str], scores: Mapping[str, float] = CODE_SCORES) -> f
 
 
 class SAMReward(Reward):
-    """Args:
+    """FineRewards' SAM reward: tag the image, judge how likely each tag is given the prompt.
+
+    Args:
         tagger: the tagging expert (``class_path``; ToyWorld: ``t2i_align.toyworld.sam_reward.ToyTagger``).
         judge: the likelihood judge (``t2i_align.experts.likelihood.CausalLMJudge`` or ToyWorld's rules).
         scores: points per label (FineRewards' code: certain 3, may 2, unlikely 1).

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from t2i_align.callbacks.evaluation import image_grid
+from t2i_align.common import image_grid
 from t2i_align.diffusion.generator import Generator, GeneratorConfig
 from t2i_align.diffusion.lora import LORA_WEIGHT_NAME
 from t2i_align.io import atomic_path

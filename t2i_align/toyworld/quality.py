@@ -23,11 +23,16 @@ from pathlib import Path
 
 import torch
 
-from t2i_align.callbacks.evaluation import image_grid
+from t2i_align.common import image_grid
 from t2i_align.toyworld.evaluation import load_items, metric_keys, score_items, summarise
 from t2i_align.toyworld.judge import ToyJudge, held_out_scenes, score_renders
 from t2i_align.toyworld.metrics import score_image
-from t2i_align.toyworld.splits import EVAL_CATEGORIES, canonical_single_prompts, eval_prompt_sets, write_prompts
+from t2i_align.toyworld.splits import (
+    EVAL_CATEGORIES,
+    canonical_single_prompts,
+    eval_prompt_sets,
+    write_prompts,
+)
 from t2i_align.toyworld.world import CANONICAL, Phrase, PromptSpec, parse_prompt
 
 PARTS = ("judge", "clip", "captioner", "pipeline")

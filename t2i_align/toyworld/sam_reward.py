@@ -14,7 +14,11 @@ from t2i_align.toyworld.world import Phrase, parse_prompt
 
 
 class ToyTagger:
-    """One tag per detected object, "<size> <texture> <colour> <shape>" (e.g. "big striped red circle")."""
+    """One tag per detected object, "<size> <texture> <colour> <shape>" (e.g. "big striped red circle").
+
+    Args:
+        judge: the ToyWorld judge that detects the objects (a default one when None).
+    """
 
     def __init__(self, judge: ToyJudge | None = None) -> None:
         self.judge = judge or ToyJudge()

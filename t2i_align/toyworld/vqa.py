@@ -20,7 +20,11 @@ _RELATION = re.compile(r"^is the (?P<a>.+?) (?P<rel>" + "|".join(RELATIONS) + r"
 
 
 class ToyVQA:
-    """Answers ToyWorld questions from the judge's detections; "unknown" for a question it cannot parse."""
+    """Answers ToyWorld questions from the judge's detections; "unknown" for a question it cannot parse.
+
+    Args:
+        judge: the ToyWorld judge that detects the objects (a default one when None).
+    """
 
     tag = "toyjudge"
 

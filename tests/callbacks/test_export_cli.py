@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from t2i_align.datamodules.export import get_layout as layout
 from t2i_align.cli import main as cli_main
+from t2i_align.datamodules.export import get_layout as layout
 from t2i_align.datamodules.prompts import read_prompts
 from tests.helpers import REPO_ROOT
 

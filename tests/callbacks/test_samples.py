@@ -4,7 +4,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers.logger import Logger
 
-from tests.helpers import RecordEvaluation, RenderingGenerator
+from tests.helpers import RecordEvaluation, RenderingModule
 
 
 class TableLogger(Logger):
@@ -30,14 +30,7 @@ class TableLogger(Logger):
         self.tables.append((key, columns, data, step))
 
 
-class Module(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.generator = RenderingGenerator()
-        self.layer = torch.nn.Linear(1, 1)
-
-    def validation_step(self, batch, batch_idx):
-        pass
+Module = RenderingModule
 
 
 def test_samples_grid_and_table(tmp_path):

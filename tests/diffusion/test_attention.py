@@ -3,7 +3,12 @@
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from t2i_align.diffusion.attention import CaptureProcessor, cross_attention_layer_names
+from t2i_align.diffusion.attention import (
+    CaptureProcessor,
+    ScoreEdit,
+    cross_attention_layer_names,
+    self_attention_layer_names,
+)
 from t2i_align.diffusion.generator import Generator, GeneratorConfig
 from t2i_align.diffusion.policies import Strided
 
@@ -69,7 +74,7 @@ def test_maps_carry_gradient_under_checkpointing(tiny_sd):
     for ckpt in (False, True):
         gen = make(tiny_sd, gradient_checkpointing=ckpt)
         out = gen.sample(["a red circle"], [0], num_inference_steps=6, guidance_scale=3.0, policy=Strided(2, 2),
-                         policy_generator=torch.Generator().manual_seed(0), record_attention=True, decode=False)
+                         policy_rng=torch.Generator().manual_seed(0), record_attention=True, decode=False)
         assert len(out.attention.steps) == 2  # both grad steps, each under its own key
         loss = sum((m[..., 1:4] ** 2).sum() for step in out.attention.steps for m in out.attention.layers(step).values())
         assert loss.requires_grad
@@ -79,3 +84,67 @@ def test_maps_carry_gradient_under_checkpointing(tiny_sd):
         assert len(out.attention.maps) == 2 * len(cross_attention_layer_names(gen.unet))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_identity_edit_reproduces_plain_sampling_and_capture_works_in_the_same_call(tiny_sd):
+    """An edit that returns the scores unchanged gives the images of plain sampling: bit for bit those of a
+    capture-only call on the same layers and steps (both take the explicit softmax path), and those of SDPA
+    sampling up to float rounding, also when it edits self-attention layers at every step."""
+    gen = make(tiny_sd)
+    cross = cross_attention_layer_names(gen.unet)
+    selfs = self_attention_layer_names(gen.unet)
+    seen = []
+    identity = ScoreEdit(lambda scores, ctx: seen.append((ctx.layer, ctx.step)) or scores, cross, steps={0, 2})
+    everywhere = ScoreEdit(lambda scores, ctx: scores, [*cross, *selfs])
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, decode=False)
+    prompts, seeds = ["a red circle", "two green stars"], [0, 1]
+    with torch.no_grad():
+        plain = gen.sample(prompts, seeds, **kw).latents
+        captured = gen.sample(prompts, seeds, record_attention=[0, 2], **kw)
+        edited = gen.sample(prompts, seeds, record_attention=[0, 2], attention_edits=[identity], **kw)
+        edited_everywhere = gen.sample(prompts, seeds, attention_edits=[everywhere], **kw).latents
+    assert {step for _, step in seen} == {0, 2} and {layer for layer, _ in seen} == set(cross)
+    assert torch.equal(edited.latents, captured.latents)
+    for step in (0, 2):
+        for name, m in captured.attention.layers(step).items():
+            assert torch.equal(edited.attention.layers(step)[name], m)
+    torch.testing.assert_close(edited.latents, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(edited_everywhere, plain, atol=1e-5, rtol=1e-5)
+    assert gen.attention_store.edits == ()  # an edit lasts one call
+
+
+def test_an_edit_changes_the_scores_of_its_layers_and_steps_only(tiny_sd):
+    gen = make(tiny_sd)
+    layer = cross_attention_layer_names(gen.unet)[0]
+
+    def block_token_1(scores, ctx):
+        assert ctx.cfg and ctx.heads == gen.unet.get_submodule(layer).heads
+        scores = scores.clone()
+        cond = scores.chunk(2)[1]  # [uncond; cond]: change the conditional branch only
+        cond[..., 1] = float("-inf")
+        return scores
+
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, decode=False, record_attention=[0, 1])
+    with torch.no_grad():
+        base = gen.sample(["a red circle"], [0], **kw)
+        edited = gen.sample(["a red circle"], [0], attention_edits=[ScoreEdit(block_token_1, [layer], steps={1})], **kw)
+    maps = edited.attention.layers(1)
+    assert torch.equal(maps[layer][..., 1], torch.zeros_like(maps[layer][..., 1]))  # capture sees the edit
+    torch.testing.assert_close(maps[layer].sum(-1), torch.ones(maps[layer].shape[:-1]), atol=1e-5, rtol=0)
+    assert base.attention.layers(1)[layer][..., 1].max() > 0
+    for name, m in edited.attention.layers(0).items():  # step 0 is before the edit: unchanged
+        assert torch.equal(m, base.attention.layers(0)[name])
+    assert not torch.equal(edited.latents, base.latents)
+
+
+def test_step_hook_sees_every_step_and_can_replace_the_latents(tiny_sd):
+    gen = make(tiny_sd)
+    kw = dict(num_inference_steps=4, guidance_scale=3.0, decode=False)
+    calls = []
+    with torch.no_grad():
+        plain = gen.sample(["a red circle"], [0], **kw).latents
+        watched = gen.sample(["a red circle"], [0], step_hook=lambda i, t, x: calls.append((i, int(t), x.shape)), **kw)
+        scaled = gen.sample(["a red circle"], [0], step_hook=lambda i, t, x: x * 0.5 if i == 3 else None, **kw).latents
+    assert [i for i, _, _ in calls] == [0, 1, 2, 3] and calls[0][1] > calls[-1][1]  # timesteps run down
+    assert torch.equal(watched.latents, plain)  # a hook that returns nothing changes nothing
+    torch.testing.assert_close(scaled, plain * 0.5)  # returned latents replace the step's (here the last)

@@ -6,7 +6,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from t2i_align.diffusion.generator import Generator, GeneratorConfig, LoraSettings, seeded_generators
 from t2i_align.diffusion.loading import ModelLoadError, load_sd_components
-from t2i_align.diffusion.policies import LastK, NoGrad, ReFL, Strided
+from t2i_align.diffusion.policies import LastK, NoGrad, ReFLPolicy, Strided
 from t2i_align.diffusion.tiny import build_tiny_components
 
 
@@ -135,7 +135,7 @@ def test_ddpm_and_ddim_both_sample_and_differ(tiny_sd):
 
 @pytest.mark.parametrize(
     "policy, steps, expected",
-    [(ReFL(6, 6), 8, 1), (Strided(num_grad_steps=3, stride=2), 8, 3), (LastK(2), 8, 2), (NoGrad(), 8, 0)],
+    [(ReFLPolicy(6, 6), 8, 1), (Strided(num_grad_steps=3, stride=2), 8, 3), (LastK(2), 8, 2), (NoGrad(), 8, 0)],
 )
 def test_gradient_policy_decides_which_unet_calls_carry_gradient(tiny_sd, policy, steps, expected):
     gen = make(tiny_sd)
@@ -144,7 +144,7 @@ def test_gradient_policy_decides_which_unet_calls_carry_gradient(tiny_sd, policy
     out = gen.sample(["a red circle"], [0], num_inference_steps=steps, guidance_scale=1.0, policy=policy)
     handle.remove()
     assert sum(grad for grad, _ in calls) == expected
-    if isinstance(policy, ReFL):
+    if isinstance(policy, ReFLPolicy):
         assert len(calls) == 7  # stops after the grad step at index 6 (x0 predicted in one step)
     if expected:
         out.images.mean().backward()
@@ -157,7 +157,7 @@ def test_refl_gradient_comes_from_the_chosen_step_only(tiny_sd):
     """Gradients through ReFL equal the gradient of the one grad-enabled call, with its input detached."""
     gen = make(tiny_sd)
     randomise_lora(gen)
-    out = gen.sample(["a red circle"], [0], num_inference_steps=8, guidance_scale=1.0, policy=ReFL(5, 5))
+    out = gen.sample(["a red circle"], [0], num_inference_steps=8, guidance_scale=1.0, policy=ReFLPolicy(5, 5))
     out.latents.sum().backward()
     grads = [p.grad.clone() for p in gen.trainable_parameters()]
     # Recompute by hand: no-grad chain to step 5, then one grad call and the x0 formula.
@@ -193,12 +193,12 @@ def test_policy_plans():
     phases = {min(p.grad_steps) for p in plans}
     assert phases <= set(range(10)) and len(phases) > 3
     assert all(sorted(p.grad_steps) == [min(p.grad_steps) + 10 * k for k in range(5)] for p in plans)
-    refl = {ReFL(30, 39).plan(40, g).stop_at for _ in range(200)}
+    refl = {ReFLPolicy(30, 39).plan(40, g).stop_at for _ in range(200)}
     assert refl == set(range(30, 40))
     assert LastK(3).plan(10).grad_steps == frozenset({7, 8, 9})
     assert {len(LastK(3, random_k=True).plan(10, g).grad_steps) for _ in range(100)} == {1, 2, 3}
     with pytest.raises(ValueError, match="max_step"):
-        ReFL(30, 39).plan(20)
+        ReFLPolicy(30, 39).plan(20)
     with pytest.raises(ValueError, match="Strided"):
         Strided(5, 10).plan(30)
 
@@ -209,7 +209,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd):
         gen = make(tiny_sd, gradient_checkpointing=ckpt)
         randomise_lora(gen)
         pol = Strided(2, 2)
-        out = gen.sample(["a red circle"], [0], num_inference_steps=6, policy=pol, policy_generator=torch.Generator().manual_seed(1))
+        out = gen.sample(["a red circle"], [0], num_inference_steps=6, policy=pol, policy_rng=torch.Generator().manual_seed(1))
         out.images.mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in gen.trainable_parameters()]))
     assert grads[0].abs().sum() > 0

@@ -15,6 +15,7 @@ from tests.helpers import RenderingGenerator
     ("may", "may"), ("It might be there", "may"), ("Possibly", "may"), ("likely", "may"),
     ("Unlikely.", "unlikely"), ("no", "unlikely"), ("It is not likely", "unlikely"),
     ("unlikely, but it may", "unlikely"),  # the earliest word decides
+    ("Not sure.", "may"), ("I am not certain", "may"), ("unsure", "may"),  # uncertain, not a negation
     ("banana", "may"),  # nothing recognised: the default
 ])
 def test_free_form_answers_parse_to_labels(answer, label):

@@ -10,7 +10,7 @@ from t2i_align.callbacks.toyworld import ToyWorldEvaluation
 from t2i_align.toyworld.evaluation import load_items, metric_keys, score_items, summarise
 from t2i_align.toyworld.judge import ToyJudge
 from t2i_align.toyworld.splits import eval_prompt_sets, write_prompts
-from tests.helpers import RenderingGenerator
+from tests.helpers import RenderingGenerator, RenderingModule
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +40,8 @@ def test_perfect_renders_score_one_and_swapped_colours_fail(prompts_dir):
 
 
 def test_callback_logs_toy_metrics_and_a_grid(prompts_dir, tmp_path):
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.generator = RenderingGenerator()
-            self.layer = torch.nn.Linear(1, 1)
-
-        def validation_step(self, batch, batch_idx):
-            pass
+    def Module():
+        return RenderingModule()
 
     callback = ToyWorldEvaluation(str(prompts_dir), per_category=2, batch_size=5, log_samples=4)
     trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path,
@@ -63,14 +57,8 @@ def test_callback_logs_toy_metrics_and_a_grid(prompts_dir, tmp_path):
 
 
 def test_callback_writes_every_image_with_its_clauses(prompts_dir, tmp_path):
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.generator = RenderingGenerator(swap_colours=True)
-            self.layer = torch.nn.Linear(1, 1)
-
-        def validation_step(self, batch, batch_idx):
-            pass
+    def Module():
+        return RenderingModule(swap_colours=True)
 
     callback = ToyWorldEvaluation(str(prompts_dir), categories=["color_binding", "counting"], per_category=3,
                                   images_per_prompt=2, batch_size=4, log_samples=0, per_image=True)
@@ -90,13 +78,11 @@ def test_callback_writes_every_image_with_its_clauses(prompts_dir, tmp_path):
 
 
 def test_callback_compares_before_and_after_fit(prompts_dir, tmp_path, caplog):
-    class Module(L.LightningModule):
+    class Module(RenderingModule):
         """Binds colours wrongly until its first training step, then renders prompts exactly."""
 
         def __init__(self):
-            super().__init__()
-            self.generator = RenderingGenerator(swap_colours=True)
-            self.layer = torch.nn.Linear(1, 1)
+            super().__init__(swap_colours=True)
             self.dropout = torch.nn.Dropout(0.5)
             self.modes_while_training = []
 
@@ -104,9 +90,6 @@ def test_callback_compares_before_and_after_fit(prompts_dir, tmp_path, caplog):
             self.generator.swap_colours = False
             self.modes_while_training.append(self.dropout.training)
             return self.layer(batch.float().view(-1, 1)).sum()
-
-        def validation_step(self, batch, batch_idx):
-            pass
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)

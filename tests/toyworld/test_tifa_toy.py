@@ -13,17 +13,9 @@ from t2i_align.toyworld.metrics import score_image
 from t2i_align.toyworld.splits import TIFA_TYPES, eval_prompt_sets, tifa_questions
 from t2i_align.toyworld.vqa import ToyVQA
 from t2i_align.toyworld.world import parse_prompt
-from tests.helpers import RenderingGenerator
+from tests.helpers import RenderingGenerator, RenderingModule
 
-
-class Module(L.LightningModule):
-    def __init__(self, swap_colours: bool) -> None:
-        super().__init__()
-        self.generator = RenderingGenerator(swap_colours)
-        self.layer = torch.nn.Linear(1, 1)
-
-    def validation_step(self, batch, batch_idx):
-        pass
+Module = RenderingModule
 
 
 @pytest.fixture(scope="module")

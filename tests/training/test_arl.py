@@ -24,6 +24,8 @@ def test_average_ranks_best_is_one_and_ties_share():
     torch.testing.assert_close(average_ranks(torch.tensor([0.1, 0.9, 0.5, 0.7])), torch.tensor([4.0, 1, 3, 2]).double())
     torch.testing.assert_close(average_ranks(torch.tensor([0.2, 0.9, 0.9])), torch.tensor([3.0, 1.5, 1.5]).double())
     torch.testing.assert_close(average_ranks(torch.tensor([[1.0, 1, 1, 1]])), torch.full((1, 4), 2.5).double())
+    nan = float("nan")
+    torch.testing.assert_close(average_ranks(torch.tensor([nan, 0.3, nan, -5.0])), torch.tensor([3.5, 1, 3.5, 2]).double())
 
 
 @pytest.mark.parametrize("scores, kept", [
@@ -33,6 +35,9 @@ def test_average_ranks_best_is_one_and_ties_share():
     ({"a": [0.9, 0.1, 0.5], "b": [0.1, 0.9, 0.5]}, 0),  # all sums equal (4): the first candidate
     # summing argsort indices (the public notebook) would keep candidate 2 here; ranks keep candidate 3
     ({"a": [0.0, 1.0, 2.0, 3.0], "b": [3.0, 0.0, 2.5, 2.9]}, 3),
+    # a NaN score (a reward failed on that image) ranks last, never first
+    ({"a": [float("nan"), 0.2, 0.1]}, 1),
+    ({"a": [0.9, 0.5, 0.1], "b": [float("nan"), 0.5, 0.4]}, 1),  # sums 1+3, 2+1, 3+2
 ])
 def test_selection_on_hand_made_scores(scores, kept):
     assert int(select_candidates({k: torch.tensor(v) for k, v in scores.items()})) == kept

@@ -1,0 +1,41 @@
+"""Leaf helpers shared by several packages (this module imports no other t2i_align module): stable seeds,
+evaluation items, image grids."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of values (stable across processes and Python runs)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One image to generate: ``key`` is unique in the set; ``group`` lets subclasses aggregate (e.g. the
+    ToyWorld category or the TIFA prompt id)."""
+
+    key: str
+    prompt: str
+    seed: int
+    group: str = ""
+
+
+def image_grid(images: Sequence[torch.Tensor], columns: int = 8, gap: int = 2):
+    """A PIL grid of B x 3 x H x W images in [0, 1], ``gap`` white pixels apart."""
+    from PIL import Image
+
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    h, w = images[0].shape[-2:]
+    grid = Image.new("RGB", (columns * (w + gap), rows * (h + gap)), (255, 255, 255))
+    for i, img in enumerate(images):
+        arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        grid.paste(Image.fromarray(arr), ((i % columns) * (w + gap), (i // columns) * (h + gap)))
+    return grid
