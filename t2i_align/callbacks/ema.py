@@ -37,7 +37,9 @@ class TrainableEMA(L.Callback):
 
     @staticmethod
     def trainable(pl_module) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+        """The generator's trained weights (``AlignmentModule.generator_trainable``): a discriminator or other
+        network a method trains is not averaged."""
+        return pl_module.generator_trainable()
 
     def on_fit_start(self, trainer, pl_module) -> None:
         params = self.trainable(pl_module)

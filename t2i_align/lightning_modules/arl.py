@@ -9,7 +9,7 @@ round) has two phases:
    ranks is kept (:func:`~t2i_align.rewards.ranking.select_candidates`). Ranks split the prompts r::W; each
    prompt's kept image and scores are written atomically, so an interrupted selection resumes where it
    stopped. Rank 0 then writes ``round_<r>/metadata.jsonl`` (TokenCompose layout) for the whole round.
-2. **fine-tuning** with the plain noise-prediction loss on the kept pairs (:class:`Finetune`'s step).
+2. **fine-tuning** with the plain noise-prediction loss on the kept pairs (as :class:`Finetune`).
 
 Round r generates with the weights left by round r-1: the LoRA keeps training across rounds.
 """
@@ -25,12 +25,12 @@ import torch
 from t2i_align.common import derive_seed
 from t2i_align.datamodules.prompts import Prompt
 from t2i_align.io import atomic_path, save_png
-from t2i_align.lightning_modules.finetune import Finetune
+from t2i_align.lightning_modules.base import AlignmentModule, FrozenExperts, pair_batch
 from t2i_align.rewards.base import Reward
 from t2i_align.rewards.ranking import average_ranks, rank_sum, select_candidates
 
 
-class ARL(Finetune):
+class ARL(AlignmentModule):
     """Assemble reward-ranked learning: per round, keep the best-ranked of K candidates per prompt, then
     fine-tune on the kept pairs.
 
@@ -61,15 +61,22 @@ class ARL(Finetune):
             raise ValueError("ARL needs at least one reward")
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
-        self.rewards = torch.nn.ModuleDict(dict(rewards)).requires_grad_(False).eval()
+        self.experts = FrozenExperts(**rewards)
         self.candidates, self.output_dir = candidates, output_dir
         self.sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
         self.generation_batch_size = generation_batch_size
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.rewards.eval()
-        return self
+    @property
+    def rewards(self) -> dict[str, Reward]:
+        return dict(self.experts.items())
+
+    def training_step(self, batch: dict, batch_idx: int):
+        """Noise-prediction loss on the round's kept pairs (as :class:`Finetune`)."""
+        pairs = pair_batch(batch)
+        loss = self.guard_nonfinite(self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_rng()))
+        if loss is not None:
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(pairs["captions"]))
+        return loss
 
     def round_dir(self, round_index: int) -> Path:
         root = Path(self.output_dir) if self.output_dir else Path(self.trainer.default_root_dir) / "arl"

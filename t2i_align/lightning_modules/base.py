@@ -1,5 +1,23 @@
-"""Shared wiring of every method: the generator, optimizers, per-step seeds, non-finite-loss guard,
-sampler progress and adapter-only checkpoints."""
+"""Shared wiring of every method: the generator, the sampling entry point, optimizers (automatic or manual,
+one or several), per-step seeds, the non-finite-loss guard, validation on held-out pairs, sampler progress
+and adapter-only checkpoints.
+
+What a method's author needs to know:
+
+* subclass :class:`AlignmentModule` directly and implement ``training_step`` (nothing, for a method that
+  trains nothing: it runs through ``validate`` / ``predict`` / the exports without an optimizer);
+* make images only through :meth:`AlignmentModule.sample` (override it to change sampling);
+* "trainable" has one definition: :meth:`AlignmentModule.trainable_keys` (what checkpoints hold: generator
+  and any other trained network) and :meth:`AlignmentModule.generator_trainable` (what EMA and the weight
+  export see: the generator's trained weights only);
+* frozen experts (rewards, captioners, segmenters) are not children of the module: keep them in a plain
+  attribute through :func:`frozen_expert`, so DDP does not broadcast them and checkpoints do not hold them;
+  :meth:`AlignmentModule.on_fit_start` and friends move them to the device (``self.experts``);
+* two networks (CoMat's generator and discriminator): set ``automatic_optimization = False``, return one
+  optimizer per network from ``configure_optimizers`` and step each with :meth:`AlignmentModule.manual_step`
+  (the non-finite guard included). Lightning's ``global_step`` then counts optimizer steps, so a batch with
+  a generator and a discriminator update advances it by 2 (set ``max_steps`` accordingly).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +27,8 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from torchmetrics import MeanMetric
+
 from t2i_align.common import derive_seed
 from t2i_align.diffusion.generator import Generator, GeneratorConfig, SampleOutput
 
@@ -17,8 +37,36 @@ def _adamw(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
 
 
+def pair_batch(batch: dict) -> dict:
+    """The pair part of a training batch (the batch itself, or ``batch["pairs"]`` when prompts come too)."""
+    return batch["pairs"] if "pairs" in batch else batch
+
+
+class FrozenExperts:
+    """Frozen networks a method consults (reward models, captioners, segmenters) kept *outside* the module
+    tree: DDP does not broadcast them, checkpoints do not hold them, ``module.train()`` does not switch their
+    dropout on. :class:`AlignmentModule` moves them to its device when fit, validation, test or predict start."""
+
+    def __init__(self, **experts) -> None:
+        self._experts = {name: expert.requires_grad_(False).eval() if isinstance(expert, torch.nn.Module) else expert
+                         for name, expert in experts.items()}
+
+    def __getitem__(self, name: str):
+        return self._experts[name]
+
+    def items(self):
+        return self._experts.items()
+
+    def to(self, device: torch.device) -> FrozenExperts:
+        for expert in self._experts.values():
+            if isinstance(expert, torch.nn.Module):
+                expert.to(device)
+        return self
+
+
 class AlignmentModule(L.LightningModule):
-    """Base class of the methods. Subclasses implement ``training_step`` (and usually ``validation_step``).
+    """Base class of the methods (see the module docstring for the contract). Subclasses implement
+    ``training_step``; validation reports the noise-prediction loss on held-out pairs.
 
     Args:
         generator: which pipeline to load and what to train (LoRA or full UNet).
@@ -45,8 +93,26 @@ class AlignmentModule(L.LightningModule):
         self.batches_started = 0  # training batches begun, skipped ones included; keys the random streams
         self.nonfinite_total = 0
         self.nonfinite_run = 0
+        self.val_loss = MeanMetric()
+        self.experts = FrozenExperts()  # a method sets its own: self.experts = FrozenExperts(reward=...)
         # Checkpoints hold trainable state only; the frozen base is reloaded from `generator.pretrained`.
         self.strict_loading = False
+
+    # ---------------------------------------------------------------------------------- experts
+    def _move_experts(self) -> None:
+        self.experts.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._move_experts()
+
+    def on_validation_start(self) -> None:
+        self._move_experts()
+
+    def on_test_start(self) -> None:
+        self._move_experts()
+
+    def on_predict_start(self) -> None:
+        self._move_experts()
 
     # ---------------------------------------------------------------------------------- sampling
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], **sampling) -> SampleOutput:
@@ -64,9 +130,31 @@ class AlignmentModule(L.LightningModule):
         images = self.sample(prompts, seeds, **batch["sampling"]).images.float().cpu()
         return list(images.split([len(s) for s in batch["seeds"]]))
 
+    # ------------------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Noise-prediction loss of held-out pairs at per-sample fixed noise and timesteps (comparable across
+        runs, batch sizes and world sizes); prompt-only sets are for the evaluation callbacks."""
+        if "pixel_values" not in batch:
+            return
+        for pixels, caption, sample_id in zip(batch["pixel_values"], batch["captions"], batch["ids"]):
+            rng = torch.Generator("cpu").manual_seed(derive_seed(self.seed, "val", sample_id))
+            self.val_loss.update(self.generator.denoising_loss(pixels[None], [caption], rng))
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() on every rank (it all-gathers); a rank with no validation samples still joins.
+        if self.val_loss.update_count == 0 and not self.trainer.world_size > 1:
+            return  # nothing to report (prompt-only validation)
+        value = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/denoise_loss", value, sync_dist=False)
+
     # ------------------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.generator.trainable_parameters())
+        params = [p for name, p in self.named_parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError(f"{type(self).__name__} has no trainable parameters: it runs through validate, "
+                               "test and predict, not fit")
+        optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -96,6 +184,20 @@ class AlignmentModule(L.LightningModule):
             )
         return None
 
+    def manual_step(self, loss: torch.Tensor, optimizer, clip_norm: float | None = None) -> torch.Tensor | None:
+        """One manual-optimisation update of ``optimizer`` (a ``LightningOptimizer`` from ``self.optimizers()``):
+        the non-finite guard, ``manual_backward``, optional gradient-norm clipping, step, zero_grad. A skipped
+        (NaN/inf) loss still calls ``step`` with no gradients, so it changes nothing but counts towards
+        ``global_step``/``max_steps`` as in automatic optimisation. Returns the loss or None when skipped."""
+        loss = self.guard_nonfinite(loss)
+        if loss is not None:
+            self.manual_backward(loss)
+            if clip_norm is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=clip_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Counted at the start: ModelCheckpoint saves in on_train_batch_end, which Lightning runs for
         # callbacks *before* the module's own hook, and the saved state must include this batch.
@@ -106,7 +208,13 @@ class AlignmentModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ checkpoints
     def trainable_keys(self) -> set[str]:
+        """Names of every trained parameter (generator and any other trained network): what checkpoints hold."""
         return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def generator_trainable(self) -> dict[str, torch.nn.Parameter]:
+        """The generator's trained parameters by name (LoRA or the UNet): what ``TrainableEMA`` averages and
+        ``ExportWeights`` writes, also when a method trains other networks (a discriminator)."""
+        return {f"generator.{name}": p for name, p in self.generator.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keys = self.trainable_keys()

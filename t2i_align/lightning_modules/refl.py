@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from t2i_align.diffusion.policies import ReFLPolicy
-from t2i_align.lightning_modules.finetune import Finetune
+from t2i_align.lightning_modules.base import AlignmentModule, FrozenExperts
 from t2i_align.rewards.base import Reward
 
 
@@ -35,7 +35,7 @@ def prompt_list(batch: dict) -> list[str]:
     return list(prompts)
 
 
-class ReFL(Finetune):
+class ReFL(AlignmentModule):
     """Reward feedback learning: a reward loss on one-step-denoised samples plus L_pre on real pairs.
 
     Args:
@@ -78,7 +78,7 @@ class ReFL(Finetune):
             raise ValueError(f"reward_loss must be 'relu_margin' or 'linear', got {reward_loss!r}")
         if pretrain_loss not in ("sum", "alternate", "none"):
             raise ValueError(f"pretrain_loss must be 'sum', 'alternate' or 'none', got {pretrain_loss!r}")
-        self.reward = reward.requires_grad_(False).eval()
+        self.experts = FrozenExperts(reward=reward)
         self.reward_weight, self.reward_loss, self.margin = reward_weight, reward_loss, margin
         self.policy = ReFLPolicy(min_step, max_step)
         if max_step >= num_inference_steps:
@@ -86,10 +86,9 @@ class ReFL(Finetune):
         self.sampling = dict(num_inference_steps=num_inference_steps, scheduler=scheduler, guidance_scale=guidance_scale)
         self.pretrain_loss, self.pretrain_weight = pretrain_loss, pretrain_weight
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.reward.eval()  # a frozen expert: no dropout, whatever Lightning sets
-        return self
+    @property
+    def reward(self) -> Reward:
+        return self.experts["reward"]
 
     # ---------------------------------------------------------------------------------- losses
     def phi(self, rewards: torch.Tensor) -> torch.Tensor:
