@@ -56,7 +56,9 @@ class RecordSteps(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         ids = pair_batch(batch)["ids"]
-        self.steps.append({"step": trainer.global_step, "ids": list(ids), "digest": trainable_digest(pl_module)})
+        loss = trainer.callback_metrics.get("train/loss")
+        self.steps.append({"step": trainer.global_step, "ids": list(ids), "digest": trainable_digest(pl_module),
+                           "loss": None if loss is None else float(loss)})
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self.validations += 1
@@ -208,3 +210,24 @@ class RenderingModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         pass
+
+
+class NaNUNet(L.Callback):
+    """Makes every UNet output NaN during the given training batches (0-based, skipped ones counted): any
+    method's loss becomes NaN there, whatever it computes from the UNet."""
+
+    def __init__(self, batches: list[int]) -> None:
+        self.batches = set(batches)
+        self._original = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # callbacks run before the module's hook: batches_started is still this batch's index
+        if pl_module.batches_started in self.batches:
+            generator = pl_module.generator
+            self._original = generator.unet_forward
+            generator.unet_forward = lambda *a, **k: self._original(*a, **k) * float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._original is not None:
+            del pl_module.generator.unet_forward  # back to the class's method
+            self._original = None
