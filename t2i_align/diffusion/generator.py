@@ -77,6 +77,13 @@ class SampleOutput:
     plan_grad_steps: tuple[int, ...]
 
 
+@dataclass
+class DenoisingOutput:
+    loss: torch.Tensor
+    attention: AttentionStore | None  # the maps of this forward (step 0), when recorded
+    captions: list[str]  # the captions trained on ("" where dropped)
+
+
 def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per sample, so a sample's noise depends on its own seed only."""
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -237,32 +244,46 @@ class Generator(nn.Module):
             return alpha.sqrt() * latents - sigma * model_output
         raise ValueError(f"unsupported prediction_type '{self.prediction_type}'")
 
-    def denoising_loss(
-        self,
-        pixels: torch.Tensor,
-        prompts: Sequence[str],
-        rng: torch.Generator | None = None,
-        record_attention: bool = False,
-    ) -> torch.Tensor:
-        """The plain latent-diffusion loss (MSE to epsilon or v) on image-caption pairs.
+    def denoising_loss(self, pixels: torch.Tensor, prompts: Sequence[str], rng: torch.Generator | None = None,
+                       caption_dropout: float = 0.0) -> torch.Tensor:
+        """The plain latent-diffusion loss (MSE to epsilon or v) on image-caption pairs; see
+        :meth:`denoising_forward` (which also returns the attention maps of the forward)."""
+        return self.denoising_forward(pixels, prompts, rng, caption_dropout=caption_dropout).loss
 
-        ``rng`` fixes the VAE posterior sample, the noise and the timesteps, so a step is exactly
-        reproducible from its seed (this is what makes resume bit-for-bit on CPU).
+    def denoising_forward(self, pixels: torch.Tensor, prompts: Sequence[str], rng: torch.Generator | None = None,
+                          record_attention: bool = False, caption_dropout: float = 0.0) -> DenoisingOutput:
+        """The latent-diffusion loss and, with ``record_attention``, the cross-attention maps of this very
+        forward (a fresh store under step 0: maps left over from an earlier sampling call are never returned).
+
+        ``rng`` fixes the VAE posterior sample, the noise, the timesteps and the dropped captions, so a step is
+        exactly reproducible from its seed (this is what makes resume bit-for-bit on CPU). ``caption_dropout``:
+        probability of training a pair with the empty caption instead (the unconditional branch CFG uses; 0
+        draws nothing, so the other random numbers are those of a run without it).
         """
         for side in pixels.shape[-2:]:
             self.check_resolution(side, "image side")
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         latents = self.encode_images(pixels.to(self.device), rng)
         noise = randn_tensor(latents.shape, generator=rng, device=latents.device, dtype=latents.dtype)
         steps = self.train_scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (latents.shape[0],), generator=rng).to(latents.device)
+        captions = list(prompts)
+        if caption_dropout > 0:
+            dropped = torch.rand(len(captions), generator=rng) < caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, dropped.tolist())]
         noisy = self.train_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.train_scheduler.get_velocity(latents, noise, t)
-        embeddings = self.encode_prompts(prompts)
-        store = self.attention_store
-        ctx = store.record(0, False, tuple(latents.shape[-2:])) if (record_attention and store is not None) else contextlib.nullcontext()
+        embeddings = self.encode_prompts(captions)
+        store = self.enable_attention_capture() if record_attention and self.attention_store is None else self.attention_store
+        ctx = contextlib.nullcontext()
+        if record_attention:
+            store.clear()
+            ctx = store.record(0, False, tuple(latents.shape[-2:]))
         with ctx:
             pred = self.unet_forward(noisy, t, embeddings, use_checkpoint=self.config.gradient_checkpointing)
-        return F.mse_loss(pred, target.float())
+        attention = store.snapshot() if record_attention else None
+        return DenoisingOutput(F.mse_loss(pred, target.float()), attention, captions)
 
     # ---------------------------------------------------------------------------------- sampling
     def make_scheduler(self, kind: str, num_inference_steps: int):

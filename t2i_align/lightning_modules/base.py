@@ -26,7 +26,6 @@ from typing import Sequence
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-
 from torchmetrics import MeanMetric
 
 from t2i_align.common import derive_seed

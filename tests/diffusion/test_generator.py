@@ -86,6 +86,39 @@ def test_denoising_loss_is_reproducible_from_its_generator(tiny_sd):
     assert a.item() == b.item() and a.item() != c.item()
 
 
+def test_denoising_forward_returns_the_maps_of_its_own_forward(tiny_sd):
+    gen = make(tiny_sd)
+    randomise_lora(gen)
+    pix = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        sampled = gen.sample(["a red circle"], [0], num_inference_steps=3, record_attention=[0, 1, 2], decode=False)
+    out = gen.denoising_forward(pix, ["a red circle", "two blue squares", "a star"], torch.Generator().manual_seed(1),
+                                record_attention=True)
+    assert out.attention.steps == [0]  # nothing left over from the sampling call's three steps
+    maps = out.attention.layers(0)
+    assert maps and all(m.shape[0] == 3 and m.requires_grad for m in maps.values())  # this batch, differentiable
+    assert all(not torch.equal(m[:1], sampled.attention.layers(0)[k]) for k, m in maps.items())
+    assert gen.denoising_forward(pix, ["a", "b", "c"], torch.Generator().manual_seed(1)).attention is None
+    assert out.loss.item() == gen.denoising_loss(pix, ["a red circle", "two blue squares", "a star"],
+                                                 torch.Generator().manual_seed(1)).item()
+
+
+def test_caption_dropout_trains_the_empty_caption_with_the_same_noise(tiny_sd):
+    gen = make(tiny_sd)
+    randomise_lora(gen)
+    pix, captions = torch.rand(8, 3, 32, 32), [f"a red circle number {i}" for i in range(8)]
+    rng = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    plain = gen.denoising_forward(pix, captions, rng())
+    assert gen.denoising_forward(pix, captions, rng(), caption_dropout=0.0).loss.item() == plain.loss.item()
+    dropped = gen.denoising_forward(pix, captions, rng(), caption_dropout=0.5)
+    assert 0 < dropped.captions.count("") < 8 and dropped.captions == gen.denoising_forward(
+        pix, captions, rng(), caption_dropout=0.5).captions  # reproducible from the rng
+    # the same noise and timesteps as without dropout, only the dropped captions differ
+    assert dropped.loss.item() == pytest.approx(gen.denoising_forward(pix, dropped.captions, rng()).loss.item(), abs=1e-7)
+    with pytest.raises(ValueError, match="caption_dropout"):
+        gen.denoising_forward(pix, captions, rng(), caption_dropout=1.0)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_one_step_x0_prediction_inverts_forward_process(tiny_sd, tiny_sd_v, prediction_type):
     gen = make(tiny_sd if prediction_type == "epsilon" else tiny_sd_v)
