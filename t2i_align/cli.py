@@ -73,6 +73,7 @@ class RunConfigCallback(SaveConfigCallback):
 
     def __init__(self, parser, config, config_filename: str = "config.yaml", overwrite: bool = True, multifile: bool = False):
         super().__init__(parser, config, config_filename, overwrite, multifile, save_to_log_dir=False)
+        self._record: dict | None = None
 
     def plain_config(self) -> dict[str, Any]:
         """The resolved config as plain YAML types (no ``!!python/object`` tags in ``hparams.yaml``)."""
@@ -96,7 +97,9 @@ class RunConfigCallback(SaveConfigCallback):
             self.parser.save(self.config, path, skip_unset=False, overwrite=True)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint[CONFIG_KEY] = config_record(self.plain_config())
+        if self._record is None:  # the config does not change during a run
+            self._record = config_record(self.plain_config())
+        checkpoint[CONFIG_KEY] = self._record
 
 
 class T2ICLI(LightningCLI):
