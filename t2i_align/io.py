@@ -87,12 +87,11 @@ def clean_stale_temporaries(roots: Iterable[str | os.PathLike]) -> list[Path]:
     or restored.
     """
     done: list[Path] = []
-    seen: set[Path] = set()
-    for root in roots:
-        root = Path(root)
-        if not root.is_dir() or root.resolve() in seen:
-            continue
-        seen.add(root.resolve())
+    walked: list[Path] = []
+    for root in sorted({Path(r).resolve() for r in roots}, key=lambda p: len(p.parts)):
+        if not root.is_dir() or any(root.is_relative_to(w) for w in walked):
+            continue  # missing, or inside a root already walked
+        walked.append(root)
         for folder, dirs, files in os.walk(root):
             for name in list(dirs) + files:
                 m = _TEMP_NAME.match(name)

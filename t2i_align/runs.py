@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from t2i_align.io import CheckpointError, load_checkpoint_file
+from t2i_align.io import CheckpointError
 
 #: ``--ckpt_path`` values resolved here: ``last`` must find a checkpoint; ``last_or_new`` starts a new run
 #: when there is none (set-and-forget launch scripts, e.g. SLURM requeue).
@@ -98,15 +98,12 @@ def is_checkpoint_file_path(value: str | None) -> bool:
 
 
 def resolve_ckpt_path(value: str | None, trainer: L.Trainer, config: dict[str, Any]) -> str | None:
-    """``last`` / ``last_or_new`` -> the checkpoint to resume (see :func:`find_resume_checkpoint`); a path is
-    checked (exists, loads, is a Lightning checkpoint) so that a bad one fails before anything starts."""
-    if is_checkpoint_file_path(value):
-        load_checkpoint_file(value)
+    """``last`` / ``last_or_new`` -> the checkpoint to resume (see :func:`find_resume_checkpoint`); other values
+    pass through. The file itself is read (and a bad one refused in one sentence) by ``AtomicCheckpointIO``."""
     if value not in RESUME_VALUES:
         return value
     path, notes = find_resume_checkpoint(trainer, config)
     if path is not None:
-        load_checkpoint_file(path)
         L.pytorch.utilities.rank_zero_info(f"Resuming from {path}")
         return str(path)
     where = ", ".join(str(f) for f in checkpoint_folders(trainer)) or trainer.default_root_dir

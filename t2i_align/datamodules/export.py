@@ -236,8 +236,9 @@ MANIFEST = "export.json"
 def weights_identity(pl_module) -> dict:
     """The method, its base model and a digest of its trainable weights (after any ``--ckpt_path`` load)."""
     h = hashlib.sha256()
+    trained = pl_module.trainable_keys()
     for name, p in sorted(pl_module.named_parameters()):
-        if p.requires_grad:
+        if name in trained:
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
     cls = type(pl_module)
