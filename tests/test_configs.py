@@ -1,6 +1,7 @@
 """Every YAML under configs/ parses and type-checks with the CLI; the tiny stack builds; --print_config
 works."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -36,10 +37,28 @@ def parse_only(args: list[str]) -> dict:
     return ParseOnlyCLI(args=args, run=False).config.as_dict()
 
 
+def header_stack(fragment: str) -> list[str]:
+    """The ``--config`` files of the first command in the fragment's header comment without a placeholder
+    (relative to configs/)."""
+    header = []
+    for line in (CONFIGS / fragment).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("# "))
+    for command in " ".join(header).split("t2i-align ")[1:]:
+        stack = re.findall(r"--config configs/(\S+\.yaml)", command)
+        if stack and not any("<" in name for name in stack):
+            return stack
+    return []
+
+
 def stack_for(fragment: str) -> list[str]:
-    """Experiments stand alone; any other fragment goes on top of the base stack, overriding it."""
+    """An experiment is parsed on the stack its header gives (alone when it gives none); any other fragment goes
+    on top of the base stack, overriding it."""
     if fragment.startswith("experiment/"):
-        return [fragment]
+        stack = header_stack(fragment)
+        assert not stack or fragment in stack, f"{fragment}: its header's --config stack does not include it"
+        return stack or [fragment]
     return [*BASE, *STACK_AFTER.get(fragment, []), fragment]
 
 
@@ -60,6 +79,33 @@ def assert_sets(parsed, fragment, key: str = "") -> None:
 def test_every_config_is_covered():
     assert set(BASE) <= set(FRAGMENTS) and "experiment/tiny_demo.yaml" in FRAGMENTS
     assert set(FRAGMENTS) > set(BASE)
+
+
+def test_toyworld_overlays_state_their_stack_and_stay_short():
+    overlays = [f for f in FRAGMENTS if f.startswith("experiment/toyworld_")]
+    assert len(overlays) >= 3
+    for overlay in overlays:
+        stack = header_stack(overlay)
+        assert stack[1:] == ["experiment/toyworld.yaml", overlay] and stack[0].startswith("method/"), (overlay, stack)
+        assert len((CONFIGS / overlay).read_text().splitlines()) <= 50, overlay
+    assert header_stack("experiment/toyworld.yaml") == ["method/finetune.yaml", "experiment/toyworld.yaml"]
+
+
+def test_comparison_script_trains_the_overlays_stacks_in_their_own_folders():
+    import importlib.util
+
+    path = Path(REPO_ROOT) / "experiments" / "toyworld" / "compare_methods.py"
+    spec = importlib.util.spec_from_file_location("compare_methods", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folders = set()
+    for name, (configs, run_dir) in script.METHODS.items():
+        relative = [c.removeprefix("configs/") for c in configs]
+        assert relative == header_stack(relative[-1]), name
+        trainer = parse_only(config_args(*relative))["trainer"]
+        assert trainer["default_root_dir"] == trainer["logger"]["init_args"]["save_dir"] == run_dir, name
+        folders.add(run_dir)
+    assert len(folders) == len(script.METHODS)  # no two methods share a run folder
 
 
 @pytest.mark.parametrize("fragment", FRAGMENTS)

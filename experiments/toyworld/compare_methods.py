@@ -3,8 +3,9 @@
     python -m t2i_align.toyworld.build .cache/toyworld --natural 2000 --natural-val 512
     python experiments/toyworld/compare_methods.py --out experiments/results/toyworld_methods
 
-1. Each method's experiment config is trained with ``t2i-align fit --config <config>`` (skipped when its
-   ``runs/<name>/toy_eval.json`` already exists; ``--retrain`` forces it). The configs share the base
+1. Each method's experiment is trained with ``t2i-align fit`` on its ``--config`` stack (method config,
+   ``configs/experiment/toyworld.yaml``, the method's ToyWorld overlay), skipped when its
+   ``runs/<name>/toy_eval.json`` already exists (``--retrain`` forces it). The experiments share the base
    pipeline, the number of generator updates (200) and of images per update (16).
 2. The base pipeline and each run's ``last.ckpt`` are evaluated with ``t2i-align validate`` stacked with
    ``configs/eval/toyworld.yaml``: the toy metrics on the compositional evaluation prompts, FID on ToyWorld
@@ -39,12 +40,16 @@ from t2i_align.io import atomic_path
 from t2i_align.stats import paired_bootstrap, per_prompt_means
 
 EVAL_CONFIG = "configs/eval/toyworld.yaml"
-# name -> (experiment config, run folder): the run folder is the config's trainer.default_root_dir
+TOYWORLD = "configs/experiment/toyworld.yaml"
+# name -> (the experiment's --config stack, as its last file's header gives it; the run folder, which is the
+# stack's trainer.default_root_dir)
 METHODS = {
-    "Finetune": ("configs/experiment/toyworld_demo.yaml", "runs/toyworld_demo"),
-    "ReFL (caption reward)": ("configs/experiment/toyworld_refl_caption.yaml", "runs/toyworld_refl_caption"),
-    "ReFL (CLIP reward)": ("configs/experiment/toyworld_refl_clip.yaml", "runs/toyworld_refl_clip"),
-    "ARL": ("configs/experiment/toyworld_arl.yaml", "runs/toyworld_arl"),
+    "Finetune": (["configs/method/finetune.yaml", TOYWORLD], "runs/toyworld_finetune"),
+    "ReFL (caption reward)": (["configs/method/refl.yaml", TOYWORLD, "configs/experiment/toyworld_refl_caption.yaml"],
+                              "runs/toyworld_refl_caption"),
+    "ReFL (CLIP reward)": (["configs/method/refl.yaml", TOYWORLD, "configs/experiment/toyworld_refl_clip.yaml"],
+                           "runs/toyworld_refl_clip"),
+    "ARL": (["configs/method/arl.yaml", TOYWORLD, "configs/experiment/toyworld_arl.yaml"], "runs/toyworld_arl"),
 }
 CATEGORIES = ("color_binding", "shape", "texture", "size", "spatial", "counting", "multi_object")
 SUMMARY = ("all_clauses", "object_accuracy", "mg2", "mg3", "mg4", "tifa")
@@ -61,10 +66,14 @@ def last_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
-def fit(config: str, run_dir: Path, retrain: bool, extra: list[str]) -> dict:
+def config_args(configs: list[str]) -> list[str]:
+    return [arg for config in configs for arg in ("--config", config)]
+
+
+def fit(configs: list[str], run_dir: Path, retrain: bool, extra: list[str]) -> dict:
     """Train unless the run exists; its wall time is kept in ``run_dir/fit_seconds.json`` for later tables."""
     report, timing = run_dir / "toy_eval.json", run_dir / "fit_seconds.json"
-    command = ["t2i-align", "fit", "--config", config, *extra]
+    command = ["t2i-align", "fit", *config_args(configs), *extra]
     if retrain or not report.exists():
         start = time.time()
         subprocess.run(command, check=True)
@@ -87,7 +96,7 @@ def full_toy_callbacks(per_category: int, seeds: int) -> str:
     return json.dumps([toy], separators=(",", ":"))
 
 
-def full_pass(config: str, ckpt: Path | None, root: Path, callbacks: str, reevaluate: bool) -> dict:
+def full_pass(configs: list[str], ckpt: Path | None, root: Path, callbacks: str, reevaluate: bool) -> dict:
     """The per-image toy pass of one model, reused from ``root`` when it finished before."""
     done = root / "full_pass.json"
     if done.exists() and not reevaluate:
@@ -96,7 +105,7 @@ def full_pass(config: str, ckpt: Path | None, root: Path, callbacks: str, reeval
             return result
     for old in root.glob("toy_eval/per_image_step_*.jsonl"):
         old.unlink()
-    result = validate(config, ckpt, root, callbacks)
+    result = validate(configs, ckpt, root, callbacks)
     [records] = list(root.glob("toy_eval/per_image_step_*.jsonl"))
     result.update({"checkpoint": str(ckpt) if ckpt else None, "per_image": str(records)})
     with atomic_path(done) as tmp:
@@ -119,12 +128,12 @@ def paired_differences(base_records: Path, method_records: Path) -> dict:
     return out
 
 
-def validate(config: str, ckpt: Path | None, root: Path, callbacks: str | None = None) -> dict:
-    """Every metric of ``configs/eval/toyworld.yaml`` for ``config``'s model (``ckpt``: trained weights);
-    ``callbacks`` (a JSON list) replaces that config's callbacks."""
+def validate(configs: list[str], ckpt: Path | None, root: Path, callbacks: str | None = None) -> dict:
+    """Every metric of ``configs/eval/toyworld.yaml`` for the model of the ``configs`` stack (``ckpt``: trained
+    weights); ``callbacks`` (a JSON list) replaces that stack's callbacks."""
     from t2i_align.cli import T2ICLI
 
-    args = ["--config", config, "--config", EVAL_CONFIG, "--trainer.logger=false", f"--trainer.default_root_dir={root}"]
+    args = [*config_args(configs), "--config", EVAL_CONFIG, "--trainer.logger=false", f"--trainer.default_root_dir={root}"]
     if callbacks is not None:
         args.append(f"--trainer.callbacks={callbacks}")
     command = shlex.join(["t2i-align", "validate", *args] + ([f"--ckpt_path={ckpt}"] if ckpt else []))
@@ -213,25 +222,25 @@ def main(argv: list[str] | None = None) -> None:
                    help="overrides for every fit (smoke runs only: the table compares the configs' own budget)")
     a = p.parse_args(argv)
 
-    base_config = METHODS["Finetune"][0]  # its LoRA starts at zero: validate without a checkpoint = the base
+    base_configs = METHODS["Finetune"][0]  # its LoRA starts at zero: validate without a checkpoint = the base
     full = full_toy_callbacks(a.full_per_category, a.seeds) if a.full_per_category else None
-    results: dict = {"base": validate(base_config, None, Path("runs/compare/base")), "fit_args": a.fit_args,
+    results: dict = {"base": validate(base_configs, None, Path("runs/compare/base")), "fit_args": a.fit_args,
                      "full_per_category": a.full_per_category, "seeds": a.seeds, "commit": git_commit(),
                      "methods": {}}
     if full:
-        results["base"]["full_toy"] = full_pass(base_config, None, Path("runs/compare/base_full"), full, a.reevaluate)
+        results["base"]["full_toy"] = full_pass(base_configs, None, Path("runs/compare/base_full"), full, a.reevaluate)
     for name in a.methods:
-        config, run_dir = METHODS[name]
-        trained = fit(config, Path(run_dir), a.retrain, a.fit_args)
+        configs, run_dir = METHODS[name]
+        trained = fit(configs, Path(run_dir), a.retrain, a.fit_args)
         ckpt = last_checkpoint(Path(run_dir))
-        evaluated = validate(config, ckpt, Path("runs/compare") / Path(run_dir).name)
+        evaluated = validate(configs, ckpt, Path("runs/compare") / Path(run_dir).name)
         check_consistency(f"{name} before", trained["toy_eval"]["before"], results["base"]["metrics"])
         check_consistency(f"{name} after", trained["toy_eval"]["after"], evaluated["metrics"])
-        results["methods"][name] = {"config": config, "checkpoint": str(ckpt), "fit": trained, "validate": evaluated}
+        results["methods"][name] = {"configs": configs, "checkpoint": str(ckpt), "fit": trained, "validate": evaluated}
         if full:
             root = Path("runs/compare") / f"{Path(run_dir).name}_full"
             method = results["methods"][name]
-            method["full_toy"] = full_pass(config, ckpt, root, full, a.reevaluate)
+            method["full_toy"] = full_pass(configs, ckpt, root, full, a.reevaluate)
             method["differences"] = paired_differences(results["base"]["full_toy"]["per_image"],
                                                        method["full_toy"]["per_image"])
         print(f"{name}: done", file=sys.stderr, flush=True)

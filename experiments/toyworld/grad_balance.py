@@ -1,7 +1,8 @@
 """Gradient norms of ReFL's two losses on the trainable weights, to choose the reward weight λ.
 
-    python experiments/toyworld/grad_balance.py configs/experiment/toyworld_refl_caption.yaml --batches 3 \
-        [--model.init_args.reward.init_args.surrogate=prompt_likelihood ...]   # CLI overrides
+    python experiments/toyworld/grad_balance.py --config configs/method/refl.yaml \
+        --config configs/experiment/toyworld.yaml --config configs/experiment/toyworld_refl_caption.yaml \
+        --batches 3 [--model.init_args.reward.init_args.surrogate=prompt_likelihood ...]   # CLI overrides
 
 For a few training batches of the config, prints |∇ φ(r)| (the reward loss at λ = 1, through the config's
 own ReFL sampling) and |∇ L_pre| (the noise-prediction loss on the batch's real pairs). λ sets the ratio of
@@ -26,12 +27,12 @@ def grad_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="a ReFL experiment config (with train_pairs for L_pre)")
     p.add_argument("--batches", type=int, default=3)
-    # any other argument is a CLI override, e.g. --model.init_args.reward.init_args.surrogate=prompt_likelihood
-    a, overrides = p.parse_known_args(argv)
+    # every other argument goes to the CLI in order: the --config stack of a ReFL experiment (with train_pairs
+    # for L_pre) and overrides, e.g. --model.init_args.reward.init_args.surrogate=prompt_likelihood
+    a, cli_args = p.parse_known_args(argv)
 
-    args = ["--config", a.config, *overrides, "--trainer.logger=false", "--trainer.callbacks=[]"]
+    args = [*cli_args, "--trainer.logger=false", "--trainer.callbacks=[]"]
     cli = T2ICLI(args=args, run=False)
     module, data = cli.model, cli.datamodule
     data.setup("fit")
