@@ -47,6 +47,9 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     # A resumed run writes into a new version folder by design (t2i_align.runs); best-k bookkeeping is not used.
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from .* won't be reloaded")
+    # Manual optimisation (CoMat): checkpoints should hold the state after the step, which is what a resumed run
+    # continues from; Lightning suggests saving the state before it instead.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
     # Lightning's own pytree code on torch >= 2.10; nothing a user can change.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):

@@ -5,6 +5,7 @@ the denoising loss, and a sampler whose gradient rule is a :mod:`~t2i_align.diff
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
@@ -309,6 +310,8 @@ class Generator(nn.Module):
         embeddings: torch.Tensor | None = None,
         attention_edits: Sequence[ScoreEdit] = (),
         step_hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+        init_latents: torch.Tensor | None = None,
+        start_step: int = 0,
     ) -> SampleOutput:
         """Generate from per-sample seeded noise with the gradient rule of ``policy``.
 
@@ -321,11 +324,23 @@ class Generator(nn.Module):
         (:class:`~t2i_align.diffusion.attention.ScoreEdit`; capture in the same call sees the edited maps).
         ``step_hook(i, t, latents)`` runs after each scheduler step (as diffusers' ``callback_on_step_end``); a
         tensor it returns replaces the latents of the next step.
+
+        ``init_latents`` (clean scaled latents, e.g. of real images) are noised with each sample's seeded noise to
+        the timestep of step ``start_step`` and the chain runs from there (CoMat's mixed latents, as diffusers'
+        img2img ``strength``). The policy plans the steps that run: its step indices count from ``start_step``,
+        the returned ``plan_grad_steps`` are indices of the whole chain.
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        if not 0 <= start_step < num_inference_steps:
+            raise ValueError(f"start_step={start_step} must be in [0, num_inference_steps={num_inference_steps})")
+        if start_step and init_latents is None:
+            raise ValueError("start_step > 0 needs init_latents (the clean latents to noise to that step)")
         policy = policy or NoGrad()
-        plan = policy.plan(num_inference_steps, policy_rng)
+        plan = policy.plan(num_inference_steps - start_step, policy_rng)
+        if start_step:
+            plan = dataclasses.replace(plan, grad_steps=frozenset(start_step + s for s in plan.grad_steps),
+                                       stop_at=None if plan.stop_at is None else start_step + plan.stop_at)
         sched = self.make_scheduler(scheduler, num_inference_steps)
         grad_allowed = torch.is_grad_enabled()
         cfg = guidance_scale > 1.0
@@ -339,9 +354,15 @@ class Generator(nn.Module):
         shape = (len(prompts), self.unet.config.in_channels, latent_side, latent_side)
         gens = seeded_generators(seeds)
         latents = randn_tensor(shape, generator=gens, device=self.device, dtype=torch.float32) * sched.init_noise_sigma
+        if init_latents is not None:
+            if tuple(init_latents.shape) != shape:
+                raise ValueError(f"init_latents have shape {tuple(init_latents.shape)}; this sampling needs {shape}")
+            t_start = sched.timesteps[start_step].repeat(len(prompts))
+            latents = sched.add_noise(init_latents.to(self.device, torch.float32), latents / sched.init_noise_sigma,
+                                      t_start)
 
         if record_attention is True:
-            record_steps = set(plan.grad_steps) or set(range(num_inference_steps))
+            record_steps = set(plan.grad_steps) or set(range(start_step, num_inference_steps))
         else:
             record_steps = set(record_attention or ())
         if record_steps and self.attention_store is None:
@@ -355,6 +376,8 @@ class Generator(nn.Module):
         try:
             in_graph = False  # becomes True at the first grad step: later updates stay differentiable
             for i, t in enumerate(sched.timesteps):
+                if i < start_step:
+                    continue
                 grad_step = grad_allowed and i in plan.grad_steps
                 x = latents.detach() if (grad_step and plan.detach_input) else latents
                 x_in = sched.scale_model_input(torch.cat([x, x]) if cfg else x, t)

@@ -86,3 +86,16 @@ class LastK(GradientPolicy):
         k = _randint(1, self.k, rng) if self.random_k else self.k
         k = min(k, num_steps)
         return StepPlan(frozenset(range(num_steps - k, num_steps)))
+
+
+class Fixed(GradientPolicy):
+    """A plan made ahead (a method that must know the grad steps before sampling, e.g. to record attention at
+    some of them)."""
+
+    def __init__(self, plan: StepPlan) -> None:
+        self._plan = plan
+
+    def plan(self, num_steps: int, rng: torch.Generator | None = None) -> StepPlan:
+        if any(s >= num_steps for s in self._plan.grad_steps):
+            raise ValueError(f"planned grad steps {sorted(self._plan.grad_steps)} exceed num_inference_steps={num_steps}")
+        return self._plan

@@ -2,7 +2,8 @@
 
 from t2i_align.lightning_modules.arl import ARL
 from t2i_align.lightning_modules.base import AlignmentModule
+from t2i_align.lightning_modules.comat import CoMat
 from t2i_align.lightning_modules.finetune import Finetune
 from t2i_align.lightning_modules.refl import ReFL
 
-__all__ = ["ARL", "AlignmentModule", "Finetune", "ReFL"]
+__all__ = ["ARL", "AlignmentModule", "CoMat", "Finetune", "ReFL"]

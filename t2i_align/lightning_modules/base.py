@@ -11,16 +11,18 @@ What a method's author needs to know:
   and any other trained network) and :meth:`AlignmentModule.generator_trainable` (what EMA and the weight
   export see: the generator's trained weights only);
 * frozen experts (rewards, captioners, segmenters) are not children of the module: keep them in a plain
-  attribute through :func:`frozen_expert`, so DDP does not broadcast them and checkpoints do not hold them;
+  attribute, ``self.experts = FrozenExperts(...)``, so DDP does not broadcast them and checkpoints do not hold them;
   :meth:`AlignmentModule.on_fit_start` and friends move them to the device (``self.experts``);
 * two networks (CoMat's generator and discriminator): set ``automatic_optimization = False``, return one
   optimizer per network from ``configure_optimizers`` and step each with :meth:`AlignmentModule.manual_step`
-  (the non-finite guard included). Lightning's ``global_step`` then counts optimizer steps, so a batch with
-  a generator and a discriminator update advances it by 2 (set ``max_steps`` accordingly).
+  (the non-finite guard included); step the second one with ``count_step=False`` so that ``global_step`` (and
+  ``max_steps``, checkpoint and export intervals) count generator updates, one per batch. A second network
+  updated by its own backward is kept out of DDP (:func:`ddp_ignore`, ``manual_step(..., sync=...)``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import lightning as L
@@ -183,17 +185,38 @@ class AlignmentModule(L.LightningModule):
             )
         return None
 
-    def manual_step(self, loss: torch.Tensor, optimizer, clip_norm: float | None = None) -> torch.Tensor | None:
+    def manual_step(self, loss: torch.Tensor, optimizer, clip_norm: float | None = None,
+                    sync: Sequence[torch.nn.Parameter] = (), count_step: bool = True) -> torch.Tensor | None:
         """One manual-optimisation update of ``optimizer`` (a ``LightningOptimizer`` from ``self.optimizers()``):
         the non-finite guard, ``manual_backward``, optional gradient-norm clipping, step, zero_grad. A skipped
         (NaN/inf) loss still calls ``step`` with no gradients, so it changes nothing but counts towards
-        ``global_step``/``max_steps`` as in automatic optimisation. Returns the loss or None when skipped."""
+        ``global_step``/``max_steps`` as in automatic optimisation. Returns the loss or None when skipped.
+
+        ``sync``: the only parameters ``loss`` reaches, kept out of DDP (a second network, see :func:`ddp_ignore`):
+        the backward runs under DDP's ``no_sync`` (it has nothing for DDP to reduce, and DDP would otherwise wait
+        for its own parameters) and their gradients are averaged over the ranks here, before clipping.
+
+        ``count_step=False`` steps a secondary optimizer (a discriminator's) through the strategy and the
+        precision plugin as usual but without advancing ``global_step``: steps then count the generator's
+        updates, one per batch."""
         loss = self.guard_nonfinite(loss)
         if loss is not None:
-            self.manual_backward(loss)
+            model = self.trainer.strategy.model
+            outside_ddp = sync and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            with model.no_sync() if outside_ddp else contextlib.nullcontext():
+                self.manual_backward(loss)
+            if outside_ddp:
+                world = torch.distributed.get_world_size()
+                for param in sync:
+                    if param.grad is not None:
+                        torch.distributed.all_reduce(param.grad)
+                        param.grad /= world
             if clip_norm is not None:
                 self.clip_gradients(optimizer, gradient_clip_val=clip_norm, gradient_clip_algorithm="norm")
-        optimizer.step()
+        if count_step:
+            optimizer.step()
+        else:  # LightningOptimizer.step is this plus the progress counters behind global_step
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
         optimizer.zero_grad(set_to_none=True)
         return loss
 
@@ -230,6 +253,25 @@ class AlignmentModule(L.LightningModule):
         state = checkpoint.get("t2i_align", {})
         self.batches_started = int(state.get("batches_started", 0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+
+
+def ddp_ignore(module: L.LightningModule, prefix: str) -> None:
+    """Keep the parameters and buffers under ``prefix`` (e.g. ``"discriminator."``) out of DDP: not broadcast at
+    start, not reduced in backward. For a second network updated by its own backward in the same training step
+    (DDP allows one backward per forward): reduce its gradients with ``manual_step(..., sync=...)`` and make
+    its starting weights equal on every rank (:func:`broadcast_parameters`). Call before DDP wraps the module
+    (``setup``). PyTorch's documented workaround (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``,
+    pytorch/pytorch#43690)."""
+    names = [n for n, _ in module.named_parameters() if n.startswith(prefix)]
+    names += [n for n, _ in module.named_buffers() if n.startswith(prefix)]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+
+
+def broadcast_parameters(params: Sequence[torch.nn.Parameter], src: int = 0) -> None:
+    """Copy rank ``src``'s values of ``params`` to every rank (a no-op outside distributed runs)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for param in params:
+            torch.distributed.broadcast(param.data, src)
 
 
 def _lora_ranks(shapes: dict[str, torch.Size]) -> list[int]:

@@ -23,7 +23,11 @@ def parse_noun_phrase(text: str) -> Phrase:
 
 
 class ToySegmenter:
-    """Masks of the judge's detections that match each phrase (shape and every stated attribute)."""
+    """Masks of the judge's detections that match each phrase (shape and every stated attribute).
+
+    Args:
+        judge: the ToyWorld judge that detects the objects (a default one when None).
+    """
 
     def __init__(self, judge: ToyJudge | None = None) -> None:
         self.judge = judge or ToyJudge()

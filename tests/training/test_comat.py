@@ -1,0 +1,177 @@
+"""CoMat on tiny models: where L_i2t's gradient enters, the discriminator's real latents, mixed latents'
+starting step, attention recorded at r of the K grad steps, and one full training step (G and D both change,
+D learns from detached fakes). The CLI, resume, export and DDP are the contract test's
+(tests/training/test_method_contract.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from t2i_align.diffusion import attention_losses as al
+from t2i_align.diffusion.generator import Generator, GeneratorConfig, LoraSettings
+from t2i_align.diffusion.policies import Fixed, StepPlan
+from t2i_align.experts.captioner import BlipLikelihood
+from t2i_align.lightning_modules.comat import CoMat
+from tests.helpers import HalfSegmenter, save_tiny_captioner, trainable_digest
+
+PROMPTS = ["a red circle", "a blue square and a green star"]
+SEEDS = [3, 4]
+
+
+@pytest.fixture(scope="module")
+def captioner(tmp_path_factory) -> BlipLikelihood:
+    return BlipLikelihood(save_tiny_captioner(tmp_path_factory.mktemp("captioner")), prefix="", max_shift=0)
+
+
+def make(tiny_sd: str, captioner, **kwargs) -> CoMat:
+    settings = dict(num_inference_steps=6, num_grad_steps=2, grad_stride=3, adversarial_weight=0.0)
+    settings.update(kwargs)
+    torch.manual_seed(0)
+    return CoMat(generator=GeneratorConfig(tiny_sd), captioner=captioner, **settings)
+
+
+class UNetCalls:
+    """Records, per UNet call, its timestep, whether it ran with gradient, and its input latents."""
+
+    def __init__(self, generator: Generator) -> None:
+        self.calls: list[tuple[int, bool, torch.Tensor]] = []
+        original = generator.unet_forward
+
+        def forward(latents, timesteps, embeddings, use_checkpoint=False):
+            t = int(timesteps if timesteps.ndim == 0 else timesteps.flatten()[0])
+            self.calls.append((t, torch.is_grad_enabled(), latents.detach().clone()))
+            return original(latents, timesteps, embeddings, use_checkpoint)
+
+        generator.unet_forward = forward
+
+
+def test_i2t_gradient_reaches_the_lora_only_through_the_grad_steps(tiny_sd, captioner):
+    module = make(tiny_sd, captioner)
+    calls = UNetCalls(module.generator)
+    rng = torch.Generator().manual_seed(0)
+    out = module.generate(PROMPTS, SEEDS, rng)
+    timesteps = module.generator.make_scheduler("ddpm", 6).timesteps.tolist()
+    grad_calls = [timesteps.index(t) for t, grad, _ in calls.calls if grad]
+    assert grad_calls == list(out.plan_grad_steps) and len(grad_calls) == 2
+    assert out.plan_grad_steps[1] - out.plan_grad_steps[0] == 3  # the stride
+    loss = -captioner.log_likelihood(out.images, PROMPTS).mean()
+    loss.backward()
+    lora = [p for p in module.generator_trainable().values()]
+    assert sum(float(p.grad.abs().sum()) for p in lora if p.grad is not None) > 0
+
+    # without grad steps nothing in the chain carries gradient
+    plain = module.generator.sample(PROMPTS, SEEDS, policy=Fixed(StepPlan(frozenset())), **module.sampling)
+    assert not plain.images.requires_grad
+
+
+def test_attention_is_recorded_at_r_of_the_k_grad_steps_and_feeds_eq_4_5(tiny_sd, captioner):
+    module = make(tiny_sd, captioner, num_inference_steps=8, num_grad_steps=3, grad_stride=2, concentration_steps=2,
+                  segmenter=HalfSegmenter())
+    out = module.generate(PROMPTS, SEEDS, torch.Generator().manual_seed(1))
+    recorded = sorted({step for step, _ in out.attention.maps})
+    assert len(recorded) == 2 and set(recorded) <= set(out.plan_grad_steps)
+    assert all(m.requires_grad for m in out.attention.maps.values())
+    l_pos, l_neg = module.concentration_losses(out, PROMPTS)
+    # by hand: every map, the prompts' entities with the segmenter's masks (the second noun of each prompt missing)
+    masks = HalfSegmenter().masks(out.images, [[e.noun for e in module.entities(p)] for p in PROMPTS])
+    groups = [[al.Grounding(e.positions, m) for e, m in zip(module.entities(p), pm)] for p, pm in zip(PROMPTS, masks)]
+    assert [len(g) for g in groups] == [1, 2]  # circle; square and star
+    values = [al.comat_concentration(maps, groups) for maps in out.attention.maps.values()]
+    torch.testing.assert_close(l_pos, torch.stack([v[0].mean() for v in values]).mean())
+    torch.testing.assert_close(l_neg, torch.stack([v[1].mean() for v in values]).mean())
+    (l_pos + l_neg).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.generator_trainable().values())
+
+
+def test_real_latents_are_the_frozen_models(tiny_sd, captioner):
+    module = make(tiny_sd, captioner, adversarial_weight=1.0, discriminator_lora=LoraSettings(rank=2))
+    with torch.no_grad():  # an online model that differs from the base
+        for name, p in module.generator_trainable().items():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+        online_before = module.generator.sample(PROMPTS, SEEDS, decode=False, **module.sampling).latents
+        real = module.real_latents(PROMPTS, SEEDS)
+        online_after = module.generator.sample(PROMPTS, SEEDS, decode=False, **module.sampling).latents
+        base = Generator(GeneratorConfig(tiny_sd, lora=None)).sample(PROMPTS, SEEDS, decode=False, **module.sampling)
+    torch.testing.assert_close(real, base.latents, atol=1e-5, rtol=0)
+    assert (online_before - real).abs().max() > 1e-3
+    torch.testing.assert_close(online_after, online_before, atol=0, rtol=0)  # adapters are back on
+    # the discriminator reads latents with a per-pixel head: one logit per latent pixel
+    logits = module.discriminator(real, module.generator.empty_embedding())
+    assert logits.shape == (2, 1, *real.shape[-2:])
+
+
+def test_mixed_latents_start_at_the_first_step_below_tau(tiny_sd, captioner, tiny_pairs):
+    from t2i_align.datamodules.pairs import PairDataset, PairSource, collate_pairs
+
+    module = make(tiny_sd, captioner, num_inference_steps=10, mix_ratio=0.5, mix_t1=450, mix_t2=450)
+    calls = UNetCalls(module.generator)
+    pairs = collate_pairs([PairDataset.from_source(PairSource(tiny_pairs), 32, 0)[i] for i in range(4)])
+    images, captions, start = module.mixed_latents(pairs, torch.Generator().manual_seed(0))
+    timesteps = module.generator.make_scheduler("ddpm", 10).timesteps.tolist()  # 901, 801, ..., 1
+    assert timesteps[start] <= 450 < timesteps[start - 1]
+    assert [t for t, _, _ in calls.calls] == timesteps[start:]  # the chain runs from there to the end
+    assert len(captions) == 2 and captions == list(pairs["captions"][:2]) and images.shape[0] == 2
+    assert sum(grad for _, grad, _ in calls.calls) >= 1 and images.requires_grad
+
+
+def test_sampling_from_init_latents_noises_them_to_the_start_step(tiny_sd):
+    generator = Generator(GeneratorConfig(tiny_sd))
+    calls = UNetCalls(generator)
+    clean = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        generator.sample(PROMPTS, SEEDS, num_inference_steps=10, guidance_scale=1.0, scheduler="ddpm",
+                         init_latents=clean, start_step=6)
+    scheduler = generator.make_scheduler("ddpm", 10)
+    t = scheduler.timesteps[6]
+    noise = torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(s)) for s in SEEDS])
+    assert calls.calls[0][0] == int(t) and len(calls.calls) == 4
+    torch.testing.assert_close(calls.calls[0][2], scheduler.add_noise(clean, noise, t.repeat(2)))
+    with pytest.raises(ValueError, match="needs init_latents"):
+        generator.sample(PROMPTS, SEEDS, num_inference_steps=10, start_step=3)
+
+
+def test_one_step_updates_g_and_d_and_d_learns_from_detached_fakes(tiny_sd, captioner, tiny_pairs, tmp_path,
+                                                                  monkeypatch):
+    from t2i_align.datamodules import T2IDataModule
+    from t2i_align.datamodules.pairs import PairSource
+    from t2i_align.datamodules.prompts import PromptSource
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    module = make(tiny_sd, captioner, adversarial_weight=1.0, discriminator_lora=LoraSettings(rank=2),
+                  mix_ratio=0.5, segmenter=HalfSegmenter())
+    data = T2IDataModule(train_prompts=[PromptSource(str(tmp_path / "prompts.txt"))],
+                         train_pairs=PairSource(tiny_pairs), batch_size=2, resolution=32)
+    generator_params = list(module.generator_trainable().values())
+    seen, fed = [], []
+    original_step, original_forward = module.manual_step, module.discriminator.forward
+
+    def spy_step(loss, optimizer, **kwargs):
+        reach = [None]
+        if kwargs.get("count_step", True):  # the generator's step: its loss reaches its weights
+            reach = torch.autograd.grad(loss, generator_params, allow_unused=True, retain_graph=True)
+        seen.append({"count_step": kwargs.get("count_step", True), "reaches_generator": any(g is not None for g in reach)})
+        return original_step(loss, optimizer, **kwargs)
+
+    def spy_forward(latents, condition):
+        fed.append(latents.requires_grad)
+        return original_forward(latents, condition)
+
+    monkeypatch.setattr(module, "manual_step", spy_step)
+    monkeypatch.setattr(module.discriminator, "forward", spy_forward)
+    digests = {"g": trainable_digest(module.generator), "d": trainable_digest(module.discriminator)}
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 1  # the discriminator's update is not counted
+    assert seen == [{"count_step": True, "reaches_generator": True}, {"count_step": False, "reaches_generator": False}]
+    assert fed == [True, False, False]  # G's adversarial term through D; then D on real and on detached fakes
+    assert trainable_digest(module.generator) != digests["g"]
+    assert trainable_digest(module.discriminator) != digests["d"]
+    logged = set(trainer.callback_metrics)
+    assert {"train/i2t_loss", "train/adv_loss", "train/d_loss", "train/pos_loss", "train/neg_loss"} <= logged
