@@ -44,7 +44,6 @@ from torch import nn
 
 from t2i_align.common import derive_seed
 from t2i_align.diffusion import attention_losses as al
-from t2i_align.diffusion.attention import cross_attention_layer_names
 from t2i_align.diffusion.generator import LoraSettings, SampleOutput
 from t2i_align.diffusion.policies import Fixed, StepPlan, Strided
 from t2i_align.experts.captioner import ImageToText

@@ -5,7 +5,6 @@ D learns from detached fakes). The CLI, resume, export and DDP are the contract 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import lightning as L
 import pytest
