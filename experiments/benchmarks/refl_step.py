@@ -15,12 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import peak_flops, sync  # noqa: E402
 
 
 def save_reward_clip(folder: Path, size: str) -> str:
@@ -47,25 +52,6 @@ def save_reward_clip(folder: Path, size: str) -> str:
     processor.size, processor.crop_size = {"shortest_edge": pixels}, {"height": pixels, "width": pixels}
     CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
     return str(folder)
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    """Measured matmul FLOP/s (the best of a few timed n x n x n products)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        tic = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        sync(device)
-        best = min(best, (time.perf_counter() - tic) / 10)
-    return 2 * n**3 / best
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,8 @@ Layout (everything deterministic from the seed)::
     OUT/natural_val/metadata.jsonl                    held-out natural pairs (validation, FID reference)
     OUT/prompts/compositional_train.txt               compositional training prompts
     OUT/prompts/eval/<category>.txt                   evaluation prompts (T2I-CompBench-style txt)
+    OUT/prompts/val/<category>.txt                    held-out validation prompts per category (stopping steps,
+                                                      settings), disjoint from evaluation and training prompts
     OUT/prompts/eval_tifa.json                        their scene-graph questions (TIFA question-answer format)
     OUT/prompts/canonical_single.txt                  single objects in canonical colours (base-model check)
     OUT/manifest.json                                 seed, sizes and distribution parameters
@@ -25,6 +27,7 @@ from t2i_align.toyworld.splits import (
     natural_scenes,
     tifa_questions,
     training_prompts,
+    validation_prompt_sets,
     write_pairs,
     write_prompts,
 )
@@ -32,7 +35,7 @@ from t2i_align.toyworld.world import COMPOSITIONAL, NATURAL
 
 
 def build(out: str | Path, seed: int = 0, natural: int = 20000, natural_val: int = 512, train_prompts: int = 5000,
-          eval_per_category: int = 100, size: int = 64) -> Path:
+          eval_per_category: int = 100, size: int = 64, val_per_category: int = 50) -> Path:
     """Write all splits into ``out`` (replaced atomically) and return it."""
     out = Path(out)
     with atomic_path(out, is_dir=True) as tmp:
@@ -41,7 +44,12 @@ def build(out: str | Path, seed: int = 0, natural: int = 20000, natural_val: int
         for category, specs in evals.items():
             write_prompts(specs, tmp / "prompts" / "eval" / f"{category}.txt")
         (tmp / "prompts" / "eval_tifa.json").write_text(json.dumps(tifa_questions(evals), indent=1) + "\n")
-        write_prompts(training_prompts(seed, train_prompts, eval_texts), tmp / "prompts" / "compositional_train.txt")
+        train = training_prompts(seed, train_prompts, eval_texts)
+        write_prompts(train, tmp / "prompts" / "compositional_train.txt")
+        # drawn after (and apart from) the other splits, so adding it changed none of them
+        held_out = eval_texts | {s.text() for s in train}
+        for category, specs in validation_prompt_sets(seed, val_per_category, held_out).items():
+            write_prompts(specs, tmp / "prompts" / "val" / f"{category}.txt")
         write_prompts(canonical_single_prompts(), tmp / "prompts" / "canonical_single.txt")
         scenes = natural_scenes(seed, natural + natural_val, eval_texts)
         write_pairs(scenes[:natural], tmp / "natural", size)
@@ -53,6 +61,7 @@ def build(out: str | Path, seed: int = 0, natural: int = 20000, natural_val: int
             "natural_val": natural_val,
             "train_prompts": train_prompts,
             "eval_per_category": eval_per_category,
+            "val_per_category": val_per_category,
             "distributions": [dataclasses.asdict(NATURAL), dataclasses.asdict(COMPOSITIONAL)],
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -67,9 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--natural-val", type=int, default=512, help="held-out natural pairs")
     parser.add_argument("--train-prompts", type=int, default=5000, help="compositional training prompts")
     parser.add_argument("--eval-per-category", type=int, default=100)
+    parser.add_argument("--val-per-category", type=int, default=50, help="held-out validation prompts per category")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     args = parser.parse_args(argv)
-    build(args.out, args.seed, args.natural, args.natural_val, args.train_prompts, args.eval_per_category, args.size)
+    build(args.out, args.seed, args.natural, args.natural_val, args.train_prompts, args.eval_per_category, args.size,
+          args.val_per_category)
     print(f"wrote ToyWorld splits to {args.out}")
 
 

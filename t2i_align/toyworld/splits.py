@@ -128,6 +128,19 @@ def eval_prompt_sets(seed: int, per_category: int) -> dict[str, list[PromptSpec]
     return sets
 
 
+def validation_prompt_sets(seed: int, per_category: int, exclude: set[str]) -> dict[str, list[PromptSpec]]:
+    """Held-out prompts per category, drawn like the evaluation prompts from their own stream and disjoint from
+    ``exclude`` (evaluation and training prompts) and from each other: for choosing stopping steps and settings,
+    never the evaluation prompts."""
+    rng = random.Random(f"toyworld-val-{seed}")
+    sets: dict[str, list[PromptSpec]] = {}
+    used = set(exclude)
+    for category in EVAL_CATEGORIES:
+        sets[category] = _unique(CATEGORY_SAMPLERS[category], rng, per_category, used)
+        used |= {s.text() for s in sets[category]}
+    return sets
+
+
 def training_prompts(seed: int, n: int, exclude: set[str]) -> list[PromptSpec]:
     """Compositional training prompts, none of whose texts is in ``exclude`` (the evaluation prompts)."""
     rng = random.Random(f"toyworld-train-{seed}")

@@ -15,6 +15,7 @@ from t2i_align.toyworld.splits import (
     eval_prompt_sets,
     natural_scenes,
     training_prompts,
+    validation_prompt_sets,
     write_pairs,
     write_prompts,
 )
@@ -134,6 +135,13 @@ def test_splits_are_deterministic_and_disjoint():
     assert not {s.text() for s in train} & set(texts)
     natural = natural_scenes(0, 200, set(texts))
     assert not {s.caption for s in natural} & set(texts)
+    # the validation split: per category, disjoint from evaluation, training and the other categories
+    val = validation_prompt_sets(0, 30, set(texts) | {s.text() for s in train})
+    val_texts = [s.text() for v in val.values() for s in v]
+    assert list(val) == list(EVAL_CATEGORIES) and len(val_texts) == len(set(val_texts)) == 30 * len(EVAL_CATEGORIES)
+    assert not set(val_texts) & (set(texts) | {s.text() for s in train})
+    assert all(any(p.colour != CANONICAL[p.shape] for p in s.phrases) for s in val["color_binding"])
+    assert validation_prompt_sets(0, 30, set(texts)) != eval_prompt_sets(0, 30)  # its own stream
     assert all(any(p.colour != CANONICAL[p.shape] for p in s.phrases) for s in sets["color_binding"])
     assert all(s.relation for s in sets["spatial"]) and all(s.num_objects == 4 for s in sets["multi_object"])
     assert all(p.count == 1 and p.colour == CANONICAL[p.shape] for s in canonical_single_prompts() for p in s.phrases)
