@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import peak_flops, sync  # noqa: E402
+from _timing import peak_flops, sync
 
 
 def save_reward_clip(folder: Path, size: str) -> str:
