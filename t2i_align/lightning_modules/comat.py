@@ -76,9 +76,9 @@ class LatentDiscriminator(nn.Module):
         self.timestep = timestep
 
     def forward(self, latents: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Logits of ``latents``; run it under the generator's autocast when the frozen weights are half."""
         t = torch.full((len(latents),), self.timestep, device=latents.device, dtype=torch.long)
-        dtype = next(self.unet.parameters()).dtype
-        out = self.unet(latents.to(dtype), t, encoder_hidden_states=condition.expand(len(latents), -1, -1).to(dtype))
+        out = self.unet(latents, t, encoder_hidden_states=condition.expand(len(latents), -1, -1))
         return self.head(out.sample.float())
 
 
@@ -295,6 +295,12 @@ class CoMat(AlignmentModule):
             neg.append(ln.mean())
         return torch.stack(pos).mean(), torch.stack(neg).mean()
 
+    def discriminate(self, latents: torch.Tensor) -> torch.Tensor:
+        """The discriminator's per-pixel logits for final latents (the empty prompt as condition)."""
+        assert self.discriminator is not None
+        with self.generator.autocast():
+            return self.discriminator(latents, self.generator.empty_embedding())
+
     # ------------------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> None:
         prompt_batch = batch["prompts"] if "pairs" in batch else batch
@@ -325,8 +331,7 @@ class CoMat(AlignmentModule):
                 loss = loss + l_pos + l_neg
                 logs.update({"train/pos_loss": l_pos.detach(), "train/neg_loss": l_neg.detach()})
             if self.discriminator is not None:
-                condition = self.generator.empty_embedding()
-                adv = gan_losses(None, self.discriminator(out.latents, condition), for_generator=True)
+                adv = gan_losses(None, self.discriminate(out.latents), for_generator=True)
                 loss = loss + self.adversarial_weight * adv
                 logs["train/adv_loss"] = adv.detach()
             g_loss = self.manual_step(loss, g_opt, clip_norm=self.generator_clip_norm)
@@ -335,8 +340,7 @@ class CoMat(AlignmentModule):
             d_opt = optimizers[1]
             real = self.real_latents(prompts, seeds)
             with self.toggled_optimizer(d_opt):
-                d_loss = gan_losses(self.discriminator(real, condition), self.discriminator(out.latents.detach(), condition),
-                                    for_generator=False)
+                d_loss = gan_losses(self.discriminate(real), self.discriminate(out.latents.detach()), for_generator=False)
                 self.manual_step(d_loss, d_opt, clip_norm=self.discriminator_clip_norm,
                                  sync=self.discriminator_parameters(), count_step=False)
             logs["train/d_loss"] = d_loss.detach()

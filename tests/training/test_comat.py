@@ -100,7 +100,7 @@ def test_real_latents_are_the_frozen_models(tiny_sd, captioner):
     assert (online_before - real).abs().max() > 1e-3
     torch.testing.assert_close(online_after, online_before, atol=0, rtol=0)  # adapters are back on
     # the discriminator reads latents with a per-pixel head: one logit per latent pixel
-    logits = module.discriminator(real, module.generator.empty_embedding())
+    logits = module.discriminate(real)
     assert logits.shape == (2, 1, *real.shape[-2:])
 
 
