@@ -396,13 +396,14 @@ class CoMat(AlignmentModule):
         recipe = read_recipe(folder)
         if recipe is None:
             raise RealLatentsCacheError(f"cached real latents: {folder} has no {RECIPE_FILE}; {_fill_hint(folder)}")
-        diffs = recipe_differences(recipe, self.real_latents_recipe())
+        expected = self.real_latents_recipe()
+        diffs = recipe_differences(recipe, expected)
         if diffs:
             raise RealLatentsCacheError(
                 f"cached real latents in {folder} were computed with other settings than this run's "
                 f"({'; '.join(diffs)}): compute them into another folder with `{CACHE_COMMAND}` and this run's "
                 "configs, or change the run's settings")
-        self._cache_checked = True
+        self._cache_checked, self._latent_shape = True, expected["latent_shape"]
 
     def cached_real_latents(self, prompts: Sequence[str], ids: Sequence[str]) -> torch.Tensor:
         """``B x C x h x w`` real latents of the batch's prompts from the cache folder, on the generator's device."""
@@ -410,7 +411,7 @@ class CoMat(AlignmentModule):
             self.check_real_latents_cache()
         folder = self.real_latents_dir
         assert folder is not None
-        shape = self.real_latents_recipe()["latent_shape"]
+        shape = self._latent_shape  # checked against the recipe once, not rebuilt every batch
         rows = []
         for prompt, prompt_id in zip(prompts, ids):
             path = folder / cache_entry_name(prompt_id, prompt)
