@@ -5,5 +5,6 @@ from t2i_align.lightning_modules.base import AlignmentModule
 from t2i_align.lightning_modules.comat import CoMat
 from t2i_align.lightning_modules.finetune import Finetune
 from t2i_align.lightning_modules.refl import ReFL
+from t2i_align.lightning_modules.tokencompose import TokenCompose
 
-__all__ = ["ARL", "AlignmentModule", "CoMat", "Finetune", "ReFL"]
+__all__ = ["ARL", "AlignmentModule", "CoMat", "Finetune", "ReFL", "TokenCompose"]

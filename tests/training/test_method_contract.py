@@ -69,8 +69,17 @@ def comat(ctx: dict, steps: int) -> list[str]:
             f"--trainer.max_steps={steps}"]
 
 
+def tokencompose(ctx: dict, steps: int) -> list[str]:
+    """The tiny pairs carry one mask per noun (a repeated noun among them)."""
+    return ["--config", str(CONFIGS / "method/tokencompose.yaml"), "--config", str(CONFIGS / "data/tiny_pairs.yaml"),
+            "--model.init_args.token_weight=0.1", "--model.init_args.pixel_weight=0.01",
+            "--model.init_args.optimizer.init_args.lr=1e-3",
+            f"--data.init_args.train_pairs.path={ctx['pairs']}", f"--data.init_args.val_pairs.path={ctx['pairs']}",
+            f"--trainer.max_steps={steps}"]
+
+
 #: method config (configs/method/<name>.yaml) -> its tiny wiring for `steps` optimizer steps (generator updates)
-METHODS = {"finetune": finetune, "refl": refl, "arl": arl, "comat": comat}
+METHODS = {"finetune": finetune, "refl": refl, "arl": arl, "comat": comat, "tokencompose": tokencompose}
 #: trained parameters besides LoRA a method's checkpoint holds
 OTHER_TRAINABLE = {"comat": ("discriminator.head.",)}
 
