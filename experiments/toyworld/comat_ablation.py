@@ -8,7 +8,7 @@ held-out validation prompts and the chosen checkpoints compared with the base on
    ``configs/eval/toyworld_val.yaml`` for ``--max-steps`` generator updates: the toy metrics on the validation
    prompts (50 per category, disjoint from the evaluation and training prompts) at step 0 and every 100 steps,
    every image's verdicts and every 100-step checkpoint kept. A run whose ``toy_eval.json`` reached
-   ``--max-steps`` is reused (``--retrain`` forces it).
+   ``--max-steps`` (or went further: its later steps are ignored) is reused (``--retrain`` forces it).
 2. Each arm's stopping step is the saved step (> 0) with the highest validation ``all_clauses`` (mean over
    categories; the earlier step on a tie). The learning curve is reported with paired bootstrap intervals
    against step 0, so a choice made on noise shows as an interval that includes 0. The evaluation prompts
@@ -58,7 +58,8 @@ def fit(configs: list[str], run_dir: Path, max_steps: int, retrain: bool) -> dic
     """Train the arm with validation curves unless a run that reached ``max_steps`` exists."""
     report, timing = run_dir / "toy_eval.json", run_dir / "fit_seconds.json"
     command = ["t2i-align", "fit", *config_args([*configs, VAL_CONFIG]), f"--trainer.max_steps={max_steps}"]
-    if retrain or not report.exists() or json.loads(report.read_text())["step"] != max_steps:
+    # a longer run is reused: its checkpoints up to max_steps are those of a run of max_steps (constant lr)
+    if retrain or not report.exists() or json.loads(report.read_text())["step"] < max_steps:
         start = time.time()
         subprocess.run(command, check=True)
         with atomic_path(timing) as tmp:
@@ -71,11 +72,12 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def learning_curve(run_dir: Path) -> dict[int, dict]:
+def learning_curve(run_dir: Path, max_steps: int | None = None) -> dict[int, dict]:
     """``step -> {metric: {value, difference from step 0 with its paired interval}}`` from the validation
-    records of the fit (``toy_eval/per_image_step_<N>.jsonl``)."""
+    records of the fit (``toy_eval/per_image_step_<N>.jsonl``), up to ``max_steps``."""
     paths = {int(re.fullmatch(r"per_image_step_(\d+)\.jsonl", p.name).group(1)): p
              for p in (run_dir / "toy_eval").glob("per_image_step_*.jsonl")}
+    paths = {step: p for step, p in paths.items() if max_steps is None or step <= max_steps}
     if 0 not in paths:
         raise FileNotFoundError(f"{run_dir}/toy_eval: no per_image_step_0.jsonl (fit with {VAL_CONFIG})")
     start = read_records(paths[0])
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--out", type=Path, default=Path("experiments/results/toyworld_comat_ablation"))
-    p.add_argument("--max-steps", type=int, default=200, help="generator updates of every arm (the budget)")
+    p.add_argument("--max-steps", type=int, default=100, help="generator updates of every arm (the budget)")
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--full-per-category", type=int, default=100)
     p.add_argument("--seeds", type=int, default=3)
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in a.arms:
         configs, run_dir = ARMS[name]
         trained = fit(configs, Path(run_dir), a.max_steps, False)
-        curve = learning_curve(Path(run_dir))
+        curve = learning_curve(Path(run_dir), a.max_steps)
         step = choose_step(curve)
         ckpt = checkpoint_at(Path(run_dir), step)
         results["arms"][name] = {"configs": configs, "curve": curve, "step": step, "checkpoint": str(ckpt)}
