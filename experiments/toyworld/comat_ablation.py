@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
 
     for name in a.arms:  # all training first: the choices are made before any evaluation prompt is generated
-        fit(*ARMS[name], a.max_steps, a.retrain)
+        configs, run_dir = ARMS[name]
+        fit(configs, Path(run_dir), a.max_steps, a.retrain)
     base_configs = METHODS["Finetune"][0]  # zero-initialised LoRA, no checkpoint: the base
     full = full_toy_callbacks(a.full_per_category, a.seeds)
     results: dict = {"base": validate(base_configs, None, Path("runs/compare/base")), "max_steps": a.max_steps,
