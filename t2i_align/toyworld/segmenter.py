@@ -45,3 +45,23 @@ class ToySegmenter:
                         masks[k] |= d.mask
             out.append(torch.from_numpy(masks).to(images.device))
         return out
+
+
+class ToyDetector:
+    """The detector interface answered by the judge: a label is found when some detected object matches it (its
+    shape and every attribute it states), the MultiGen/VISOR check on ToyWorld.
+
+    Args:
+        judge: the ToyWorld judge that detects the objects (a default one when None).
+    """
+
+    def __init__(self, judge: ToyJudge | None = None) -> None:
+        self.judge = judge or ToyJudge()
+
+    def found(self, images: torch.Tensor, labels: Sequence[Sequence[str]]) -> list[list[bool]]:
+        check_images(images, labels, "ToyDetector")
+        out = []
+        for detections, texts in zip(self.judge.detect_batch(images.float().cpu()), labels):
+            phrases = [parse_noun_phrase(t) for t in texts]
+            out.append([any(p.matches(d) for d in detections) for p in phrases])
+        return out
