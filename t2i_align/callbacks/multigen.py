@@ -1,16 +1,29 @@
 """MultiGen (TokenCompose, Section 4): generate "a photo of a A, a B, a C, a D, and a E", detect each of the five
 categories with an open-vocabulary detector, and report MG_k = the share of images in which at least k of them are
 found (k = 2..5), together with the mean share of categories found. Prompt files: the released
-``coco_obj_comp_5_1k.json`` / ``ade20k_obj_comp_5_1k.json`` (``unique_id``, ``text``, ``obj_<i>_attributes``)."""
+``coco_obj_comp_5_1k.json`` / ``ade20k_obj_comp_5_1k.json`` (``unique_id``, ``text``, ``obj_<i>_attributes``).
+
+During training or validation: :class:`MultiGenEvaluation`. On images exported with ``t2i-align predict`` in the
+``multigen`` layout (``<prompt index>_<k>.png``) or made elsewhere in that layout::
+
+    python -m t2i_align.callbacks.multigen EXPORT_DIR --prompt-file coco_obj_comp_5_1k.json \
+        [--images-per-prompt 10] [--detector CLASS_PATH] [--detector-args JSON] [--batch-size 16]
+
+prints the metrics and writes them, with every image's detections, to ``EXPORT_DIR/multigen_scores.json``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
 from t2i_align.callbacks.evaluation import EvalItem, GenerativeEvaluation
 from t2i_align.common import derive_seed
@@ -109,3 +122,55 @@ class MultiGenEvaluation(GenerativeEvaluation):
     def compute(self, trainer, pl_module) -> dict[str, float]:
         counts = trainer.strategy.reduce(self.counts.to(pl_module.device), reduce_op="sum").cpu()
         return {f"{self.name}/{k}": v for k, v in multigen_metrics(counts, self.max_k).items()}
+
+
+def score_folder(folder: str | Path, prompt_file: str | Path, detector: Detector, images_per_prompt: int = 10,
+                 batch_size: int = 16) -> dict:
+    """MG_k of the images of ``folder`` in the ``multigen`` export layout; a missing image is an error naming it."""
+    from t2i_align.datamodules.export import get_layout
+
+    folder, layout = Path(folder), get_layout("multigen", images_per_prompt)
+    prompts = read_multigen(prompt_file)
+    jobs = [(folder / name, p) for index, p in enumerate(prompts) for name in layout.files(p, index)]
+    missing = [str(path) for path, _ in jobs if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(jobs)} images missing, e.g. {missing[:3]} (layout multigen: "
+                                f"<prompt index>_<k>.png, {images_per_prompt} per prompt of {prompt_file})")
+    max_k = max(len(p.categories) for p in prompts)
+    counts, records = torch.zeros(3 + max_k - 1, dtype=torch.float64), []
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start:start + batch_size]
+        images = torch.stack([torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255)
+                              .permute(2, 0, 1) for path, _ in batch])
+        found = detector.found(images, [p.categories for _, p in batch])
+        counts += multigen_counts(found, max_k)
+        records += [{"image": path.name, "id": p.id, "found": dict(zip(p.categories, row))}
+                    for (path, p), row in zip(batch, found)]
+    return {"metrics": multigen_metrics(counts, max_k), "images": len(jobs), "prompt_file": str(prompt_file),
+            "detector": type(detector).__name__, "per_image": records}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from t2i_align.io import atomic_path
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path)
+    p.add_argument("--prompt-file", required=True, type=Path)
+    p.add_argument("--images-per-prompt", type=int, default=10)
+    p.add_argument("--detector", default="t2i_align.experts.detector.OwlV2Detector")
+    p.add_argument("--detector-args", default="{}", help="the detector's keyword arguments as JSON")
+    p.add_argument("--batch-size", type=int, default=16)
+    a = p.parse_args(argv)
+    module, _, name = a.detector.rpartition(".")
+    try:
+        detector = getattr(importlib.import_module(module), name)(**json.loads(a.detector_args))
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--detector-args: invalid JSON ({e.msg})") from None
+    result = score_folder(a.folder, a.prompt_file, detector, a.images_per_prompt, a.batch_size)
+    with atomic_path(a.folder / "multigen_scores.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["metrics"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -124,3 +124,32 @@ def test_owlv2_loads_through_from_pretrained_and_applies_the_threshold(tiny_owl)
     assert batch == [detector.found(images[i:i + 1], labels[i:i + 1])[0] for i in range(3)]
     mixed = detector.found(images[:2], [["cat"], ["cup", "book"]])  # different label counts: split per image
     assert [len(row) for row in mixed] == [1, 2]
+
+
+def test_command_scores_an_exported_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from t2i_align.callbacks.multigen import main
+    from tests.helpers import RenderingGenerator
+
+    prompt_file = toy_multigen_file(tmp_path / "toy_multigen.json", count=3)
+    prompts = read_multigen(prompt_file)
+    out = tmp_path / "export"
+    out.mkdir()
+    renders = RenderingGenerator().sample([p.text for p in prompts], [0, 1, 2]).images
+    swapped = RenderingGenerator(swap_colours=True).sample([p.text for p in prompts], [0, 1, 2]).images
+    for index in range(3):  # image 0 exact, image 1 with the colours swapped
+        for k, image in enumerate((renders[index], swapped[index])):
+            array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            Image.fromarray(array).save(out / f"{index}_{k}.png")
+    args = [str(out), "--prompt-file", prompt_file, "--images-per-prompt", "2",
+            "--detector", "t2i_align.toyworld.segmenter.ToyDetector", "--batch-size", "4"]
+    main(args)
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    saved = json.loads((out / "multigen_scores.json").read_text())
+    assert printed == saved["metrics"] and saved["images"] == 6
+    assert printed["mg2"] == pytest.approx(0.5)  # the exact half
+    assert [r["image"] for r in saved["per_image"]][:2] == ["0_0.png", "0_1.png"]
+    (out / "2_1.png").unlink()
+    with pytest.raises(FileNotFoundError, match="2_1.png"):
+        main(args)
