@@ -91,7 +91,8 @@ def test_toyworld_overlays_state_their_stack_and_stay_short():
     assert header_stack("experiment/toyworld.yaml") == ["method/finetune.yaml", "experiment/toyworld.yaml"]
 
 
-@pytest.mark.parametrize("script_name, table", [("compare_methods", "METHODS"), ("comat_ablation", "ARMS")])
+@pytest.mark.parametrize("script_name, table", [("compare_methods", "METHODS"), ("comat_ablation", "ARMS"),
+                                               ("tokencompose_compare", "ARMS")])
 def test_comparison_scripts_train_the_overlays_stacks_in_their_own_folders(script_name, table):
     import importlib.util
 

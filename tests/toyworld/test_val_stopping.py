@@ -1,6 +1,6 @@
-"""The CoMat ablation script's bookkeeping: the learning curve from the validation records, the choice of the
-stopping step (validation only, a trained step), and which checkpoint it evaluates. The training and the
-evaluation passes are the CLI's and compare_methods.py's, tested elsewhere."""
+"""The validation-stopping comparison's bookkeeping (experiments/toyworld/val_stopping.py): the learning curve from
+the validation records, the choice of the stopping step (validation only, a trained step), and which checkpoint it
+evaluates. The training and the evaluation passes are the CLI's and compare_methods.py's, tested elsewhere."""
 
 import importlib.util
 import json
@@ -15,8 +15,8 @@ CATEGORIES = ("color_binding", "shape")
 
 @pytest.fixture(scope="module")
 def script():
-    path = Path(REPO_ROOT) / "experiments" / "toyworld" / "comat_ablation.py"
-    spec = importlib.util.spec_from_file_location("comat_ablation", path)
+    path = Path(REPO_ROOT) / "experiments" / "toyworld" / "val_stopping.py"
+    spec = importlib.util.spec_from_file_location("val_stopping", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
