@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from t2i_align.common import build_from_class_path
 from t2i_align.datamodules.pairs import PAIR_FORMATS, PairRecord
 from t2i_align.io import atomic_path
 
@@ -59,13 +59,6 @@ def caption_nouns(text: str, nlp: Any) -> list[str]:
                 break
         nouns.append(doc[start:tok.i + 1].text)
     return nouns
-
-
-def load_segmenter(class_path: str, init_args: dict) -> Any:
-    module, _, name = class_path.rpartition(".")
-    if not module:
-        raise ValueError(f"--segmenter: expected a class path like {DEFAULT_SEGMENTER}, got {class_path!r}")
-    return getattr(importlib.import_module(module), name)(**init_args)
 
 
 def read_pairs(path: Path, image_root: Path | None, fmt: str, limit: int | None) -> list[PairRecord]:
@@ -165,8 +158,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         init_args = json.loads(a.segmenter_args)
     except json.JSONDecodeError as e:
         raise SystemExit(f"--segmenter-args: invalid JSON ({e.msg})") from None
-    counts = annotate(a.pairs, a.out, load_segmenter(a.segmenter, init_args), load_spacy(a.spacy_model), a.image_root,
-                      a.format, a.limit, a.device)
+    segmenter = build_from_class_path(a.segmenter, init_args, "--segmenter")
+    counts = annotate(a.pairs, a.out, segmenter, load_spacy(a.spacy_model), a.image_root, a.format, a.limit, a.device)
     print(json.dumps(counts))
 
 

@@ -39,3 +39,13 @@ def image_grid(images: Sequence[torch.Tensor], columns: int = 8, gap: int = 2):
         arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
         grid.paste(Image.fromarray(arr), ((i % columns) * (w + gap), (i // columns) * (h + gap)))
     return grid
+
+
+def build_from_class_path(class_path: str, init_args: dict, what: str = "--class"):
+    """An instance of ``module.Class`` (a command line's ``--segmenter``/``--detector``) with ``init_args``."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    if not module:
+        raise ValueError(f"{what}: expected a class path like package.module.Class, got {class_path!r}")
+    return getattr(importlib.import_module(module), name)(**init_args)

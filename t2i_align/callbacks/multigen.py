@@ -15,7 +15,6 @@ prints the metrics and writes them, with every image's detections, to ``EXPORT_D
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,9 +160,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--detector-args", default="{}", help="the detector's keyword arguments as JSON")
     p.add_argument("--batch-size", type=int, default=16)
     a = p.parse_args(argv)
-    module, _, name = a.detector.rpartition(".")
+    from t2i_align.common import build_from_class_path
+
     try:
-        detector = getattr(importlib.import_module(module), name)(**json.loads(a.detector_args))
+        detector = build_from_class_path(a.detector, json.loads(a.detector_args), "--detector")
     except json.JSONDecodeError as e:
         raise SystemExit(f"--detector-args: invalid JSON ({e.msg})") from None
     result = score_folder(a.folder, a.prompt_file, detector, a.images_per_prompt, a.batch_size)
