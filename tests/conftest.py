@@ -43,3 +43,21 @@ def tiny_pairs(tmp_path_factory) -> str:
     from t2i_align.datamodules.synthetic import write_shape_pairs
 
     return str(write_shape_pairs(tmp_path_factory.mktemp("pairs"), count=16, size=32))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> str:
+    """Folder of a tiny random GPT-2 causal LM with the tiny CLIP tokenizer (a judge's LM, loaded back like a real one)."""
+    import torch
+    from transformers import CLIPTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from t2i_align.diffusion.tiny import TINY_TOKENIZER_DIR
+
+    folder = tmp_path_factory.mktemp("lm")
+    tokenizer = CLIPTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -246,3 +246,13 @@ class HalfSegmenter:
                 masks[0, :, : images.shape[-1] // 2] = True
             out.append(masks)
         return out
+
+
+class FixedTagger:
+    """A tagger protocol stand-in: the same tags for every image."""
+
+    def __init__(self, tags: list[str]) -> None:
+        self.fixed = list(tags)
+
+    def tags(self, images: torch.Tensor) -> list[list[str]]:
+        return [list(self.fixed) for _ in images]

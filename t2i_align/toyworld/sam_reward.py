@@ -1,5 +1,5 @@
-"""ToyWorld's experts for the SAM reward: a tagger that lists the judge's detections and a rule-based
-likelihood judge that reads the prompt's scene graph."""
+"""ToyWorld's experts for the SAM reward and the fine stage: a tagger that lists the judge's detections and a
+rule-based likelihood judge that reads the prompt's scene graph (and gives each tag the prompt's words for it)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,21 @@ class ToyTagger:
 
 class ToyLikelihoodJudge:
     """certain: a phrase of the prompt names the tag's shape and every attribute it states agrees;
-    may: the shape is named but a stated attribute differs; unlikely: the shape is not in the prompt."""
+    may: the shape is named but a stated attribute differs; unlikely: the shape is not in the prompt. A tag's
+    local description is the prompt's phrase of that shape (the one agreeing on most of the tag's attributes),
+    without its article or count word: "red circle" for the tag "big plain blue circle" in "a red circle ..."."""
+
+    def describe(self, prompt: str, tags: Sequence[str]) -> list[str | None]:
+        phrases = parse_prompt(prompt).phrases
+        out = []
+        for tag in map(parse_noun_phrase, tags):
+            same_shape = [p for p in phrases if p.shape == tag.shape]
+            if not same_shape:
+                out.append(None)
+                continue
+            best = max(same_shape, key=lambda p: sum(getattr(p, a) == getattr(tag, a) for a in ("colour", "size", "texture")))
+            out.append(best.text().split(" ", 1)[1])
+        return out
 
     def __call__(self, prompt: str, tags: Sequence[str]) -> list[str]:
         phrases = parse_prompt(prompt).phrases

@@ -59,22 +59,6 @@ def test_sam_reward_rejects_a_judge_that_answers_off_the_label_set():
         reward(RenderingGenerator().sample(["a red circle"], [0]).images, ["a red circle"])
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    from transformers import CLIPTokenizer, GPT2Config, GPT2LMHeadModel
-
-    from t2i_align.diffusion.tiny import TINY_TOKENIZER_DIR
-
-    folder = tmp_path_factory.mktemp("lm")
-    tokenizer = CLIPTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def test_lm_judge_asks_each_tag_in_a_fresh_context(tiny_lm):
     judge = CausalLMJudge(tiny_lm, max_new_tokens=4)
     asked = []

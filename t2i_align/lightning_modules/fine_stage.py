@@ -1,0 +1,261 @@
+"""``FineStage``: RealignDiff's training-free fine semantic re-alignment (Section III-B-2, Eq. 6-10; METHODS.md §2),
+an inference-time method. Every image is made twice with the same seed:
+
+1. the first pass: plain sampling with the loaded weights (the base, or a coarse-stage checkpoint: the ReFL
+   caption-reward LoRA makes the whole two-stage RealignDiff, ``--ckpt_path``);
+2. local dense captions of the first image: the ``tagger`` lists the objects seen (RAM's role), the ``judge`` gives
+   each tag a likelihood score s (Eq. 6: certain 2, may 0.5, unlikely 0) and a local description taken from the
+   prompt (None when the prompt does not name it), the ``segmenter`` gives each tag its mask (Grounded-SAM's role);
+3. the second pass re-weights the attention's pre-softmax scores B = scale * q k^T (Eq. 8-10):
+
+       B' = B + S ⊙ M,   M = λ_t·R⊙(max B − B)⊙W − λ_t·(1−R)⊙(B − min B)⊙W
+
+   with max/min over each query's row, R[q, k] = 1 where query q lies in a tag's mask and key k is one of the
+   tokens of that tag's description (cross-attention) or lies in the same mask (self-attention), S[q] = the score
+   of the tag whose mask holds q (1 outside every mask; where masks overlap, the later tag's), and the modulated
+   keys are those of the descriptions (cross) or the queries inside a mask (self); nothing else changes.
+
+What the paper leaves open follows DenseDiffusion (Kim et al., ICCV 2023; naver-ai/DenseDiffusion), on which the
+module is modelled, each a parameter: the conditional branch of cross- and self-attention in every block is
+modulated (``attention``, ``layers``) during the first 30 % of the steps (``step_fraction``) with
+λ_t = strength·(t/1000)^5 (``power``, ``strength``); W = 1 − the region's area fraction at that resolution
+(DenseDiffusion's size regularisation: small regions are pushed harder). The paper writes this factor as
+(1 − B) with B = QKᵀ, which is unbounded and flips sign with the scores: we read it as DenseDiffusion's size term.
+A description enters the text condition where it already stands in the prompt (``text_condition="prompt"``: the
+judge's descriptions are the prompt's own words; one that cannot be found is left out and counted in
+``unlocated``) or appended to it (``"append"``: "<prompt>, <description>, ...", as DenseDiffusion writes a
+caption per region; the second pass then samples that text).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from t2i_align.diffusion.attention import EditContext, ScoreEdit, cross_attention_layer_names, self_attention_layer_names
+from t2i_align.diffusion.generator import Generator, SampleOutput
+from t2i_align.diffusion.tokens import find_phrase
+from t2i_align.experts.likelihood import LocalJudge
+from t2i_align.experts.segmenter import Segmenter
+from t2i_align.experts.tagger import Tagger
+from t2i_align.lightning_modules.base import AlignmentModule, FrozenExperts
+
+__all__ = ["FineStage", "LocalObject", "Modulation", "SCORES", "cross_modulation", "modulate", "self_modulation"]
+
+SCORES = {"certain": 2.0, "may": 0.5, "unlikely": 0.0}  # Eq. 6
+ALL_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
+_SAMPLE_DEFAULTS = {k: p.default for k, p in inspect.signature(Generator.sample).parameters.items()}
+
+
+@dataclass(frozen=True)
+class LocalObject:
+    """One tag of a first-pass image: its likelihood label and score, its local description (None: not in the
+    prompt), its mask at image resolution and the token positions of its description in the text condition."""
+
+    tag: str
+    label: str
+    description: str | None
+    mask: torch.Tensor
+    positions: tuple[int, ...] = ()
+
+    @property
+    def score(self) -> float:
+        return SCORES[self.label]
+
+
+@dataclass(frozen=True)
+class Modulation:
+    """Eq. 8's operands for one sample at one attention shape ``N x K``: entries where ``positive`` are raised towards
+    their row's maximum, the other ``active`` entries lowered towards its minimum, each by ``weight`` (S ⊙ W) times
+    λ_t of the gap. ``active`` and ``weight`` broadcast against ``N x K``."""
+
+    positive: torch.Tensor
+    active: torch.Tensor
+    weight: torch.Tensor
+
+
+def modulate(scores: torch.Tensor, m: Modulation, lam: float) -> torch.Tensor:
+    """Eq. 8 and 10 on pre-softmax scores ``[..., N, K]`` (the max and min of Eq. 10 over each query's row)."""
+    hi, lo = scores.amax(-1, keepdim=True), scores.amin(-1, keepdim=True)
+    gap = torch.where(m.positive, hi - scores, torch.where(m.active, lo - scores, torch.zeros_like(scores)))
+    return scores + lam * m.weight.to(scores.dtype) * gap
+
+
+def _region(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """The image-resolution mask at an attention size, flattened: cells at least half covered."""
+    return (F.interpolate(mask[None, None].float(), size=hw, mode="area")[0, 0] >= 0.5).flatten()
+
+
+def _scores_and_sizes(objects: Sequence[LocalObject], hw: tuple[int, int]):
+    """Per query: S (Eq. 9) and, per object, its region and size weight W = 1 - area fraction (empty regions left
+    out: an object too small for this resolution is not modulated there)."""
+    s = torch.ones(hw[0] * hw[1])
+    regions = []
+    for o in objects:
+        region = _region(o.mask, hw)
+        if region.any():
+            s[region] = o.score
+            regions.append((o, region, 1.0 - region.float().mean()))
+    return s, regions
+
+
+def cross_modulation(objects: Sequence[LocalObject], hw: tuple[int, int], tokens: int) -> Modulation:
+    """R: a description's tokens inside its tag's region; modulated keys: every description's tokens."""
+    s, regions = _scores_and_sizes(objects, hw)
+    positive = torch.zeros(hw[0] * hw[1], tokens, dtype=torch.bool)
+    active, size = torch.zeros(1, tokens, dtype=torch.bool), torch.ones(1, tokens)
+    for o, region, w in regions:
+        if o.positions:
+            pos = torch.tensor(o.positions)
+            positive[region.nonzero()[:, 0, None], pos[None]] = True
+            active[0, pos], size[0, pos] = True, w
+    return Modulation(positive, active, s[:, None] * size)
+
+
+def self_modulation(objects: Sequence[LocalObject], hw: tuple[int, int]) -> Modulation:
+    """R: pairs of pixels inside the same tag's region; modulated queries: those inside some region (all keys)."""
+    n = hw[0] * hw[1]
+    s, regions = _scores_and_sizes(objects, hw)
+    positive, active, size = torch.zeros(n, n, dtype=torch.bool), torch.zeros(n, 1, dtype=torch.bool), torch.ones(n, 1)
+    for _, region, w in regions:
+        positive |= region[:, None] & region[None, :]
+        active[region], size[region] = True, w
+    return Modulation(positive, active, s[:, None] * size)
+
+
+class FineStage(AlignmentModule):
+    """Two-pass sampling with RealignDiff's re-weighting attention modulation (the module docstring has the rule).
+    Trains nothing: use it with ``t2i-align validate`` / ``predict`` and the benchmark exports, on the base weights
+    or on a checkpoint of any method whose generator settings it shares (``--ckpt_path``).
+
+    Args:
+        tagger: the objects seen in an image (RAM's role).
+        judge: per tag, "certain" / "may" / "unlikely" (``judge(prompt, tags)``) and the prompt's words that describe
+            it (``judge.describe(prompt, tags)``).
+        segmenter: a mask per tag (Grounded-SAM's role).
+        attention: which attention is modulated: "cross", "self" or both (DenseDiffusion: both).
+        layers: name prefixes of the modulated attention layers (default: every block).
+        step_fraction: the share of the sampling steps, from the first, that are modulated (DenseDiffusion: 0.3).
+        power: λ_t = strength * (t / num_train_timesteps) ** power (DenseDiffusion: 5).
+        strength: the scale of λ_t (DenseDiffusion: 1).
+        text_condition: "prompt" (descriptions are located in the prompt) or "append" (added to it).
+    """
+
+    def __init__(
+        self,
+        *args,
+        tagger: Tagger,
+        judge: LocalJudge,
+        segmenter: Segmenter,
+        attention: Sequence[Literal["cross", "self"]] = ("cross", "self"),
+        layers: Sequence[str] = ALL_BLOCKS,
+        step_fraction: float = 0.3,
+        power: float = 5.0,
+        strength: float = 1.0,
+        text_condition: Literal["prompt", "append"] = "prompt",
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if not set(attention) <= {"cross", "self"} or not attention:
+            raise ValueError(f"attention must name 'cross' and/or 'self', got {list(attention)}")
+        if not 0.0 <= step_fraction <= 1.0:
+            raise ValueError(f"step_fraction must be in [0, 1], got {step_fraction}")
+        if text_condition not in ("prompt", "append"):
+            raise ValueError(f"text_condition must be 'prompt' or 'append', got {text_condition!r}")
+        self.experts = FrozenExperts(tagger=tagger, judge=judge, segmenter=segmenter)
+        self.attention, self.layer_prefixes = tuple(attention), tuple(layers)
+        self.step_fraction, self.power, self.strength = step_fraction, power, strength
+        self.text_condition = text_condition
+        self.unlocated = 0  # descriptions not found in the prompt (text_condition="prompt")
+        self.last_objects: list[list[LocalObject]] = []  # the local captions of the last sample() call
+
+    def training_step(self, batch, batch_idx):
+        raise RuntimeError("FineStage is training-free: run it with `t2i-align validate` or `predict`, not fit")
+
+    # ------------------------------------------------------------------------------ local dense captions
+    def local_objects(self, prompts: Sequence[str], images: torch.Tensor) -> tuple[list[str], list[list[LocalObject]]]:
+        """The text condition of the second pass and the tagged objects of each first-pass image."""
+        tags = self.experts["tagger"].tags(images)
+        masks = self.experts["segmenter"].masks(images, tags)
+        judge, texts, out = self.experts["judge"], [], []
+        for prompt, image_tags, image_masks in zip(prompts, tags, masks):
+            labels = judge(prompt, image_tags) if image_tags else []
+            descriptions = judge.describe(prompt, image_tags) if image_tags else []
+            text = prompt
+            if self.text_condition == "append":
+                text = ", ".join([prompt, *dict.fromkeys(d for d in descriptions if d)])
+            objects = [LocalObject(t, label, d, m.cpu(), self._positions(text, d))
+                       for t, label, d, m in zip(image_tags, labels, descriptions, image_masks)]
+            texts.append(text)
+            out.append(objects)
+        return texts, out
+
+    def _positions(self, text: str, description: str | None) -> tuple[int, ...]:
+        if not description:
+            return ()
+        # appended: the description's last occurrence (the appended one); else where the prompt has it
+        found = []
+        while True:
+            try:
+                found.append(find_phrase(text, description, self.generator.tokenizer, len(found)))
+            except ValueError:
+                break
+        if not found:
+            self.unlocated += 1
+            return ()
+        return found[-1] if self.text_condition == "append" else found[0]
+
+    # ------------------------------------------------------------------------------ modulation
+    def modulation_edits(self, objects: Sequence[Sequence[LocalObject]], sampling: dict) -> list[ScoreEdit]:
+        """One :class:`ScoreEdit` over the modulated layers and the first steps (none when no image has an object:
+        the second pass is then the first)."""
+        n = sampling.get("num_inference_steps", _SAMPLE_DEFAULTS["num_inference_steps"])
+        scheduler = self.generator.make_scheduler(sampling.get("scheduler", _SAMPLE_DEFAULTS["scheduler"]), n)
+        total = scheduler.config.num_train_timesteps
+        lams = {i: self.strength * (float(t) / total) ** self.power for i, t in enumerate(scheduler.timesteps)}
+        steps = set(range(min(n, math.ceil(self.step_fraction * n - 1e-9))))
+        cache: dict[tuple, list[Modulation]] = {}  # built once per attention shape, on the scores' device
+        latent_side = (sampling.get("resolution") or self.generator.default_resolution) // self.generator.vae_scale_factor
+
+        def edit(scores: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+            kind = "cross" if ctx.layer.endswith("attn2") else "self"
+            bh, queries, keys = scores.shape
+            lh, lw = ctx.latent_hw or (latent_side, latent_side)
+            factor = math.isqrt(lh * lw // queries)
+            hw = (lh // factor, lw // factor)
+            key = (kind, queries, keys, scores.device)
+            if key not in cache:
+                cache[key] = [_to(cross_modulation(o, hw, keys) if kind == "cross" else self_modulation(o, hw),
+                                  scores.device) for o in objects]
+            per_sample = scores.view(bh // ctx.heads, ctx.heads, queries, keys)
+            cond = per_sample.chunk(2)[1] if ctx.cfg else per_sample  # the conditional branch (DenseDiffusion)
+            edited = torch.stack([modulate(c, m, lams[ctx.step]) for c, m in zip(cond, cache[key])])
+            if ctx.cfg:
+                edited = torch.cat([per_sample.chunk(2)[0], edited])
+            return edited.view(bh, queries, keys)
+
+        unet = self.generator.unet
+        names = []
+        if "cross" in self.attention:
+            names += cross_attention_layer_names(unet, self.layer_prefixes)
+        if "self" in self.attention:
+            names += self_attention_layer_names(unet, self.layer_prefixes)
+        return [ScoreEdit(edit, names, steps)] if steps and any(objects) else []
+
+    # ------------------------------------------------------------------------------ sampling
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], **sampling) -> SampleOutput:
+        """The first pass, its local dense captions, and the second pass from the same seeds."""
+        first = self.generator.sample(prompts, seeds, **{**sampling, "decode": True})
+        texts, objects = self.local_objects(prompts, first.images.float())
+        self.last_objects = objects
+        edits = [*sampling.pop("attention_edits", ()), *self.modulation_edits(objects, sampling)]
+        return self.generator.sample(texts, seeds, attention_edits=edits, **sampling)
+
+
+def _to(m: Modulation, device: torch.device) -> Modulation:
+    return Modulation(m.positive.to(device), m.active.to(device), m.weight.to(device))
