@@ -51,9 +51,13 @@ def coarse_candidate(results_path: Path) -> dict:
             "validation_all_clauses": value}
 
 
-def fine_configs(configs: list[str]) -> list[str]:
-    """The fine stage on the generator settings of a plain stack (a whole-UNet run keeps ``lora: null``)."""
-    return FINE + ([FULL_UNET] if FULL_UNET in configs else [])
+def fine_configs(ckpt: str | None) -> list[str]:
+    """The fine stage with the generator settings of ``ckpt``: the base's LoRA, or ``lora: null`` for a checkpoint of
+    the whole UNet (no LoRA weights in it)."""
+    if ckpt is None:
+        return FINE
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return FINE + ([] if any("lora_" in k for k in state) else [FULL_UNET])
 
 
 def images_of(records: str) -> int:
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         step = f"_step{Path(ckpt).stem.split('step=')[-1]}" if ckpt else ""
         model = {}
         for stage, stack, root in (("before", configs, f"runs/compare/{tag}{step}"),
-                                   ("after", fine_configs(configs), f"runs/compare/fine_{tag}{step}")):
+                                   ("after", fine_configs(ckpt), f"runs/compare/fine_{tag}{step}")):
             model[stage] = {"configs": stack, "validate": validate(stack, ckpt_path, Path(root)),
                             "full_toy": full_pass(stack, ckpt_path, Path(f"{root}_full"), full, a.reevaluate)}
             model[stage]["seconds_per_image"] = timing(model[stage]["full_toy"])
@@ -144,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     for suffix, content in ((".json", json.dumps(results, indent=2) + "\n"), (".md", text)):
         with atomic_path(a.out.with_suffix(suffix)) as tmp:
             tmp.write_text(content)
-    configs, ckpt, _ = models[coarse["name"]]
-    grid(fine_configs(configs), ckpt, a.out.parent / f"{a.out.name}_grid.png", Path(".cache/toyworld/prompts/eval"))
+    ckpt = coarse["checkpoint"]
+    grid(fine_configs(ckpt), ckpt, a.out.parent / f"{a.out.name}_grid.png", Path(".cache/toyworld/prompts/eval"))
     print(text)
 
 
