@@ -17,7 +17,8 @@ second pass) on the base and on the best coarse-stage model, the same evaluation
   after - before (and of the coarse model + fine stage - the base). Wall time per image of one pass (plain) and
   two passes (the fine stage) comes from the full passes, on whatever else the machine ran.
 * ``<out>.json`` has everything; ``<out>.md`` the tables; ``<out>_grid.png`` the first pass, the kept objects'
-  masks and the second pass for one prompt per category (the coarse model).
+  masks (green: certain, yellow: may, red: unlikely) and the second pass for one prompt per category (the coarse
+  model; the base with ``--base-only``). Finished passes are reused (``runs/compare/``) unless ``--reevaluate``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def fine_configs(ckpt: str | None) -> list[str]:
         return FINE
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     return FINE + ([] if any("lora_" in k for k in state) else [FULL_UNET])
+
+
+def cached_validate(stack: list[str], ckpt: Path | None, root: Path, reevaluate: bool) -> dict:
+    """``validate`` of ``compare_methods.py``, reused from ``root/validate.json`` when it ran on this checkpoint."""
+    done = root / "validate.json"
+    if done.exists() and not reevaluate:
+        result = json.loads(done.read_text())
+        if result["checkpoint"] == (str(ckpt) if ckpt else None):
+            return result
+    result = {**validate(stack, ckpt, root), "checkpoint": str(ckpt) if ckpt else None}
+    with atomic_path(done) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def images_of(records: str) -> int:
@@ -101,12 +115,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--full-per-category", type=int, default=100)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--reevaluate", action="store_true")
+    p.add_argument("--base-only", action="store_true", help="the base model alone (before the candidates exist)")
     a = p.parse_args(argv)
 
-    coarse = coarse_candidate(a.candidates)
+    coarse = None if a.base_only else coarse_candidate(a.candidates)
     full = full_toy_callbacks(a.full_per_category, a.seeds)
-    models = {"Base": (METHODS["Finetune"][0], None, "base"),
-              coarse["name"]: (coarse["configs"], coarse["checkpoint"], Path(coarse["checkpoint"]).parts[1])}
+    models = {"Base": (METHODS["Finetune"][0], None, "base")}
+    if coarse:
+        models[coarse["name"]] = (coarse["configs"], coarse["checkpoint"], Path(coarse["checkpoint"]).parts[1])
     results: dict = {"commit": git_commit(), "coarse": coarse, "full_per_category": a.full_per_category,
                      "seeds": a.seeds, "models": {}}
     for name, (configs, ckpt, tag) in models.items():
@@ -115,26 +131,27 @@ def main(argv: list[str] | None = None) -> None:
         model = {}
         for stage, stack, root in (("before", configs, f"runs/compare/{tag}{step}"),
                                    ("after", fine_configs(ckpt), f"runs/compare/fine_{tag}{step}")):
-            model[stage] = {"configs": stack, "validate": validate(stack, ckpt_path, Path(root)),
+            model[stage] = {"configs": stack, "validate": cached_validate(stack, ckpt_path, Path(root), a.reevaluate),
                             "full_toy": full_pass(stack, ckpt_path, Path(f"{root}_full"), full, a.reevaluate)}
             model[stage]["seconds_per_image"] = timing(model[stage]["full_toy"])
             print(f"{name} {stage}: done", file=sys.stderr, flush=True)
         model["differences"] = paired_differences(model["before"]["full_toy"]["per_image"],
                                                   model["after"]["full_toy"]["per_image"])
         results["models"][name] = model
-    base, top = results["models"]["Base"], results["models"][coarse["name"]]
-    results["two_stage_vs_base"] = paired_differences(base["before"]["full_toy"]["per_image"],
-                                                      top["after"]["full_toy"]["per_image"])
-
-    lines = [f"Coarse-stage model: {coarse['name']} (validation all_clauses {coarse['validation_all_clauses']:.3f}, "
-             f"the best of `{a.candidates}`); the fine stage's experts are the ToyWorld judge: **oracle upper bounds**.",
-             ""]
+    lines = ["The fine stage's experts are the ToyWorld judge: every 'after' is an **oracle upper bound**.", ""]
+    if coarse:
+        base, top = results["models"]["Base"], results["models"][coarse["name"]]
+        results["two_stage_vs_base"] = paired_differences(base["before"]["full_toy"]["per_image"],
+                                                          top["after"]["full_toy"]["per_image"])
+        lines += [f"Coarse-stage model: {coarse['name']} (validation all_clauses {coarse['validation_all_clauses']:.3f}, "
+                  f"the best of `{a.candidates}`).", ""]
     for name, model in results["models"].items():
         lines += [f"{name}: after (fine stage) - before (plain sampling), {a.full_per_category} prompts per category "
                   f"x {a.seeds} seeds, paired 95 % intervals:", ""]
         lines += [*difference_table({"methods": {"+ fine stage": {"differences": model["differences"]}}}), ""]
-    lines += [f"{coarse['name']} + fine stage - the base (both stages against the base):", ""]
-    lines += [*difference_table({"methods": {"two stages": {"differences": results["two_stage_vs_base"]}}}), ""]
+    if coarse:
+        lines += [f"{coarse['name']} + fine stage - the base (both stages against the base):", ""]
+        lines += [*difference_table({"methods": {"two stages": {"differences": results["two_stage_vs_base"]}}}), ""]
     columns = [(n, s) for n in results["models"] for s in ("before", "after")]
     lines += ["| Metric | " + " | ".join(f"{n} ({'+ fine stage' if s == 'after' else 'plain'})" for n, s in columns) + " |",
               "|---|" + "---|" * len(columns)]
@@ -148,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     for suffix, content in ((".json", json.dumps(results, indent=2) + "\n"), (".md", text)):
         with atomic_path(a.out.with_suffix(suffix)) as tmp:
             tmp.write_text(content)
-    ckpt = coarse["checkpoint"]
+    ckpt = coarse["checkpoint"] if coarse else None
     grid(fine_configs(ckpt), ckpt, a.out.parent / f"{a.out.name}_grid.png", Path(".cache/toyworld/prompts/eval"))
     print(text)
 
