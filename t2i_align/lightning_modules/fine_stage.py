@@ -174,6 +174,9 @@ class FineStage(AlignmentModule):
         self.unlocated = 0  # descriptions not found in the prompt (text_condition="prompt")
         self.last_objects: list[list[LocalObject]] = []  # the local captions of the last sample() call
 
+    def configure_optimizers(self):
+        raise RuntimeError("FineStage is training-free: run it with `t2i-align validate` or `predict`, not fit")
+
     def training_step(self, batch, batch_idx):
         raise RuntimeError("FineStage is training-free: run it with `t2i-align validate` or `predict`, not fit")
 

@@ -264,6 +264,17 @@ def test_cli_predict_on_the_base_and_on_a_trained_checkpoint(tiny_sd, tiny_pairs
     assert all(abs(a - b).mean() > 0.1 for a, b in zip(stacked, fine))  # the trained LoRA is used
 
 
+def test_fit_refuses_the_training_free_method(tiny_sd, tiny_pairs, tmp_path):
+    from tests.helpers import tiny_fit_args
+
+    args = tiny_fit_args(tiny_sd, tiny_pairs, tmp_path, 1, str(CONFIGS / "method/fine_stage.yaml"))
+    args += ["--model.init_args.tagger=tests.helpers.FixedTagger", "--model.init_args.tagger.init_args.tags=[circle]",
+             "--model.init_args.judge=t2i_align.toyworld.sam_reward.ToyLikelihoodJudge",
+             "--model.init_args.segmenter=tests.helpers.HalfSegmenter"]
+    with pytest.raises(RuntimeError, match="training-free.*validate"):
+        cli_main(args)
+
+
 def test_cli_validate_on_toyworld_finds_objects_and_reports_the_toy_metrics(tiny_pairs, tmp_path):
     prompts = tmp_path / "prompts"
     prompts.mkdir()
