@@ -404,3 +404,24 @@ def test_vocabulary_tagger_errors_name_the_file(tmp_path):
         VocabularyTagger(FakeDetector([]), binary)
     with pytest.raises(ValueError, match="non-empty list"):
         VocabularyTagger(FakeDetector([]), [])
+
+
+def test_annotation_command_runs_with_grounded_sam(tiny_dino, tiny_sam, tiny_pairs, tmp_path):
+    """`python -m t2i_align.annotate_masks` with the transformers Grounded-SAM (tiny models through from_pretrained):
+    every noun gets a mask entry; with a threshold no box passes, every entry is null (nothing found); with every box
+    kept, the (random) SAM masks are written as PNG files."""
+    import json
+
+    from t2i_align.annotate_masks import main
+
+    def annotate(out, threshold):
+        main([tiny_pairs, str(out), "--limit", "3", "--segmenter", "t2i_align.experts.grounded_sam.GroundedSAMSegmenter",
+              "--segmenter-args", json.dumps({"detector": tiny_dino, "sam": tiny_sam, "box_threshold": threshold,
+                                              "text_threshold": threshold})])
+        return [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+
+    records = annotate(tmp_path / "none", 1.0)
+    assert len(records) == 3 and all(r["attn_list"] for r in records)
+    assert all(mask is None for r in records for _, mask in r["attn_list"])
+    masks = [m for r in annotate(tmp_path / "all", 0.0) for _, m in r["attn_list"] if m is not None]
+    assert masks and all((tmp_path / "all" / m).is_file() for m in masks)
