@@ -135,12 +135,7 @@ class AttentionStore:
         self.maps[(self.step, layer)] = maps.reshape(maps.shape[0], h, w, t)
 
     def _spatial(self, n: int) -> tuple[int, int]:
-        if self.latent_hw is None:
-            side = math.isqrt(n)
-            return side, n // side
-        lh, lw = self.latent_hw
-        factor = math.isqrt((lh * lw) // n)
-        return lh // factor, lw // factor
+        return map_size(self.latent_hw, n)
 
     @property
     def steps(self) -> list[int]:
@@ -157,6 +152,17 @@ class AttentionStore:
         for m in self.layers(step).values():
             groups[m.shape[1]].append(m)
         return dict(sorted(groups.items()))
+
+
+def map_size(latent_hw: tuple[int, int] | None, n: int) -> tuple[int, int]:
+    """``(h, w)`` of an attention map with ``n`` queries in a UNet call on latents of ``latent_hw`` (square when
+    unknown)."""
+    if latent_hw is None:
+        side = math.isqrt(n)
+        return side, n // side
+    lh, lw = latent_hw
+    factor = math.isqrt((lh * lw) // n)
+    return lh // factor, lw // factor
 
 
 class CaptureProcessor:

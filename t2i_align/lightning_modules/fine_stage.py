@@ -37,7 +37,9 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from t2i_align.diffusion.attention import EditContext, ScoreEdit, cross_attention_layer_names, self_attention_layer_names
+from t2i_align.diffusion.attention import (
+    EditContext, ScoreEdit, cross_attention_layer_names, map_size, self_attention_layer_names,
+)
 from t2i_align.diffusion.generator import Generator, SampleOutput
 from t2i_align.diffusion.tokens import find_phrase
 from t2i_align.experts.likelihood import LocalJudge
@@ -201,9 +203,9 @@ class FineStage(AlignmentModule):
     def _positions(self, text: str, description: str | None) -> tuple[int, ...]:
         if not description:
             return ()
-        # appended: the description's last occurrence (the appended one); else where the prompt has it
+        # appended: the description's last occurrence (the appended one); else its first in the prompt
         found = []
-        while True:
+        while not found or self.text_condition == "append":
             try:
                 found.append(find_phrase(text, description, self.generator.tokenizer, len(found)))
             except ValueError:
@@ -211,7 +213,7 @@ class FineStage(AlignmentModule):
         if not found:
             self.unlocated += 1
             return ()
-        return found[-1] if self.text_condition == "append" else found[0]
+        return found[-1]
 
     # ------------------------------------------------------------------------------ modulation
     def modulation_edits(self, objects: Sequence[Sequence[LocalObject]], sampling: dict) -> list[ScoreEdit]:
@@ -228,9 +230,7 @@ class FineStage(AlignmentModule):
         def edit(scores: torch.Tensor, ctx: EditContext) -> torch.Tensor:
             kind = "cross" if ctx.layer.endswith("attn2") else "self"
             bh, queries, keys = scores.shape
-            lh, lw = ctx.latent_hw or (latent_side, latent_side)
-            factor = math.isqrt(lh * lw // queries)
-            hw = (lh // factor, lw // factor)
+            hw = map_size(ctx.latent_hw or (latent_side, latent_side), queries)
             key = (kind, queries, keys, scores.device)
             if key not in cache:
                 cache[key] = [_to(cross_modulation(o, hw, keys) if kind == "cross" else self_modulation(o, hw),
