@@ -100,6 +100,11 @@ def align_words(
     ]
 
 
+def phrase_pattern(words: list[str]) -> re.Pattern:
+    """``words`` in order on word boundaries, case-insensitive, any whitespace run between them."""
+    return re.compile(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)", flags=re.IGNORECASE)
+
+
 def find_phrase(prompt: str, phrase: str, tokenizer: Any, occurrence: int = 0) -> tuple[int, ...]:
     """Token positions of the ``occurrence``-th (0-based) match of ``phrase`` in ``prompt``.
 
@@ -112,8 +117,7 @@ def find_phrase(prompt: str, phrase: str, tokenizer: Any, occurrence: int = 0) -
         raise ValueError(f"empty phrase for prompt {prompt!r}")
     if occurrence < 0:
         raise ValueError(f"occurrence must be >= 0, got {occurrence}")
-    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
-    matches = list(re.finditer(pattern, prompt, flags=re.IGNORECASE))
+    matches = list(phrase_pattern(words).finditer(prompt))
     if occurrence >= len(matches):
         raise ValueError(
             f"phrase {phrase!r} (occurrence {occurrence}) not found in prompt {prompt!r}: "

@@ -18,6 +18,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
+from t2i_align.diffusion.tokens import phrase_pattern
+
 LABELS = ("certain", "may", "unlikely")
 
 # Word stems in the order they are tried at each position: the uncertain phrases that contain a negation
@@ -61,12 +63,9 @@ def parse_description(answer: str, prompt: str) -> str | None:
     if line.lower() in ("none", "no", "n/a", ""):
         return ""
     for text in (re.sub(r"^(a|an|the)\s+", "", line, flags=re.IGNORECASE), line):
-        words = text.split()
-        if words:
-            pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
-            found = re.search(pattern, prompt, flags=re.IGNORECASE)
-            if found:
-                return found.group(0)
+        found = phrase_pattern(text.split()).search(prompt) if text.split() else None
+        if found:
+            return found.group(0)
     return None
 
 
