@@ -1,5 +1,5 @@
 """Leaf helpers shared by several packages (this module imports no other t2i_align module): stable seeds,
-evaluation items, image grids."""
+evaluation items, image grids, the user-error base class."""
 
 from __future__ import annotations
 
@@ -8,6 +8,16 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+
+class UserError(Exception):
+    """A problem in what the user gave (a config value, a file, a model folder, a checkpoint, the environment). Its
+    message is one sentence naming the key or file and what was expected; ``t2i-align`` prints it without a
+    traceback. The project's own error types derive from it alongside the built-in type they always had."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configured value is out of its allowed range (the message names the key)."""
 
 
 def derive_seed(*parts: object) -> int:

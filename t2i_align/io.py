@@ -17,6 +17,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from t2i_align.common import UserError
+
 # Temporaries are named `.<target name>.<host>.<pid>.<random>.tmp` (and `.old` for the previous version of a
 # folder being replaced), so a later start can tell whose they are and whether their writer is still alive.
 _HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
@@ -116,7 +118,7 @@ def clean_stale_temporaries(roots: Iterable[str | os.PathLike]) -> list[Path]:
     return done
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be used; the message names the file and what is wrong with it."""
 
 

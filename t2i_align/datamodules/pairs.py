@@ -14,14 +14,16 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .prompts import clean_text, iter_jsonl, parse_coco_captions
+from t2i_align.common import UserError
+
+from .prompts import check_limit, clean_text, iter_jsonl, parse_coco_captions
 
 __all__ = ["PAIR_FORMATS", "PairDataset", "PairFileError", "PairRecord", "PairSource", "collate_pairs"]
 
 MaskList = list[tuple[str, "torch.Tensor | None"]]
 
 
-class PairFileError(ValueError):
+class PairFileError(UserError, ValueError):
     """A pair annotation file, or a file it references, is missing or malformed (names file + record)."""
 
 
@@ -55,6 +57,9 @@ class PairSource:
     per: str = "caption"
     limit: int | None = None
     random_flip: bool = False
+
+    def __post_init__(self) -> None:
+        check_limit(self.limit, f"pair source {self.path}: limit")
 
 
 def _read_coco(path: Path, root: Path, per: str) -> list[PairRecord]:
@@ -186,8 +191,7 @@ class PairDataset(Dataset):
             )
         if per not in ("caption", "image"):
             raise ValueError(f"per must be 'caption' or 'image', got {per!r}")
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
+        check_limit(limit, f"{path}: limit")
         if resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {resolution}")
         root = Path(image_root) if image_root is not None else path.parent

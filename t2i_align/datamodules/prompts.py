@@ -27,6 +27,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from t2i_align.common import ConfigError, UserError
+
 __all__ = [
     "PROMPT_FORMATS",
     "Prompt",
@@ -46,7 +48,7 @@ _TEXT_KEYS = ("prompt", "text", "caption")
 _LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError, ValueError):
     """A prompt file is missing, empty or malformed; the message names the file and the line/record."""
 
 
@@ -450,19 +452,24 @@ class PromptSource:
     weight: float = 1.0
     limit: int | None = None
 
+    def __post_init__(self) -> None:  # refused where it is configured, before anything reads or writes
+        check_limit(self.limit, f"prompt source {self.path}: limit")
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(f"prompt source {self.path}: weight must be a finite number > 0, got {self.weight!r}")
+
+
+def check_limit(value: int | None, what: str) -> None:
+    """A ``limit`` keeps the first N items: N must be a whole number >= 1 (0 or -1 would silently drop prompts)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{what} must be a whole number >= 1 (or null for all), got {value!r}")
+
 
 def load_prompt_sources(sources: Sequence[PromptSource]) -> tuple[list[Prompt], list[float]]:
     """Load and concatenate ``sources``; return the prompts and per-prompt sampling weights such that each
     source's total probability is proportional to its ``weight`` (weights sum to 1)."""
     if not sources:
         raise ValueError("no prompt sources given")
-    total = 0.0
-    for s in sources:
-        if not (isinstance(s.weight, (int, float)) and math.isfinite(s.weight) and s.weight > 0):
-            raise ValueError(f"prompt source {s.path}: weight must be a finite number > 0, got {s.weight!r}")
-        if s.limit is not None and s.limit < 1:
-            raise ValueError(f"prompt source {s.path}: limit must be >= 1, got {s.limit}")
-        total += s.weight
+    total = sum(s.weight for s in sources)
     prompts: list[Prompt] = []
     weights: list[float] = []
     names: dict[str, str] = {}

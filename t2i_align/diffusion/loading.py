@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,10 +11,12 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from t2i_align.common import UserError
+
 SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A pipeline could not be loaded; the message says from where and what to do."""
 
 
@@ -23,6 +27,39 @@ class SDComponents:
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     scheduler_config: dict
+
+
+# huggingface_hub's repo-id rule: "name" or "namespace/name" of letters, digits, "-", "_" and "."
+_HUB_ID = re.compile(r"^[\w\-.]+(/[\w\-.]+)?$")
+_TRUE = {"1", "on", "yes", "true"}  # huggingface_hub.constants._is_true
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set: hub ids load from the local cache only."""
+    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def resolve_pretrained(source: str | os.PathLike, what: str = "model", revision: str | None = None) -> str:
+    """``source`` as a loadable ``from_pretrained`` argument: an existing folder (as given, ``~`` expanded) or a hub
+    id. Fails in one sentence, before any loader runs, when it is neither: a path that looks local (absolute, ``./``,
+    ``~``, more than one ``/``) but does not exist, or a hub id that is not in the cache while offline."""
+    text = str(source)
+    local = Path(text).expanduser()
+    if local.exists():
+        return str(local)
+    if text.startswith((".", "~", os.sep)) or not _HUB_ID.match(text):
+        raise ModelLoadError(f"{what} '{text}': no such folder")
+    if hub_offline():
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(text, revision=revision, local_files_only=True)
+        except (OSError, ValueError):
+            raise ModelLoadError(
+                f"{what} '{text}' is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set: "
+                f"pass a local folder (download it where there is network: `hf download {text} --local-dir DIR`)"
+            ) from None
+    return text
 
 
 def _scheduler_config(source: str, revision: str | None) -> dict:
@@ -40,7 +77,8 @@ def load_sd_components(
     such as ``stable-diffusion-v1-5/stable-diffusion-v1-5``. Hub ids need network access (or a filled
     Hugging Face cache); without it the error says so and suggests a local folder.
     """
-    local = Path(source).expanduser()
+    source = resolve_pretrained(source, "Stable Diffusion pipeline", revision)
+    local = Path(source)
     if local.exists():
         missing = [sub for sub in SUBFOLDERS if not (local / sub).is_dir()]
         if missing:
@@ -48,7 +86,6 @@ def load_sd_components(
                 f"'{source}' is not a diffusers Stable Diffusion folder: missing subfolder(s) {missing} "
                 f"(expected {list(SUBFOLDERS)})"
             )
-        source = str(local)
     try:
         return SDComponents(
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision),

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from t2i_align.common import derive_seed
+from t2i_align.common import UserError, derive_seed
 from t2i_align.diffusion import attention_losses as al
 from t2i_align.diffusion.generator import LoraSettings, SampleOutput
 from t2i_align.diffusion.policies import Fixed, StepPlan, Strided
@@ -116,7 +116,7 @@ CACHE_COMMAND = "python -m t2i_align.comat_cache"
 _ENTRY_KEYS = ("id", "prompt", "latents")
 
 
-class RealLatentsCacheError(ValueError):
+class RealLatentsCacheError(UserError, ValueError):
     """A cache of real latents that cannot be used; the message names the folder or file and what to do."""
 
 

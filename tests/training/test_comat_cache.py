@@ -181,11 +181,12 @@ def test_full_fine_tuning_with_fidelity_preservation_trains_on_the_cache(tiny_sd
     def no_frozen_pass(*args, **kwargs):
         raise AssertionError("the real latents must come from the cache")
 
-    fed, events = [], []
+    fed, events, generated, asked = [], [], [], []
     original_forward, original_check = module.discriminator.forward, module.check_real_latents_cache
+    original_generate, original_cached = module.generate, module.cached_real_latents
 
     def spy_forward(latents, condition):
-        fed.append(latents.detach().clone())
+        fed.append((latents.detach().clone(), latents.requires_grad))
         events.append("discriminator")
         return original_forward(latents, condition)
 
@@ -193,8 +194,20 @@ def test_full_fine_tuning_with_fidelity_preservation_trains_on_the_cache(tiny_sd
         events.append("recipe check")
         return original_check()
 
+    def spy_generate(*args, **kwargs):
+        out = original_generate(*args, **kwargs)
+        generated.append(out.latents)
+        return out
+
+    def spy_cached(prompts, ids):
+        events.append("cache read")
+        asked.append([cache_entry_name(i, text) for i, text in zip(ids, prompts)])
+        return original_cached(prompts, ids)
+
     monkeypatch.setattr(module, "frozen_latents", no_frozen_pass)
     monkeypatch.setattr(module, "check_real_latents_cache", spy_check)
+    monkeypatch.setattr(module, "generate", spy_generate)
+    monkeypatch.setattr(module, "cached_real_latents", spy_cached)
     monkeypatch.setattr(module.discriminator, "forward", spy_forward)
     digests = {"g": trainable_digest(module.generator), "d": trainable_digest(module.discriminator)}
     assert any("lora" not in name for name in module.generator_trainable())  # the whole UNet trains
@@ -204,12 +217,19 @@ def test_full_fine_tuning_with_fidelity_preservation_trains_on_the_cache(tiny_sd
                         limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 1
-    # the recipe is checked when fit starts; then G's adversarial term, D on real and on detached fakes
-    assert events == ["recipe check"] + ["discriminator"] * 3
-    cached = [torch.load(p, weights_only=True)["latents"] for p in cache.glob("*.pt")]
-    for row in fed[1]:  # each real sample is one prompt's cached latents
-        assert any(torch.equal(row, c) for c in cached)
-    assert not any(torch.equal(row, c) for row in fed[2] for c in cached)
+    # the recipe is checked when fit starts; then G's adversarial term, the cache read, D on real and on fakes
+    assert events == ["recipe check", "discriminator", "cache read", "discriminator", "discriminator"]
+    (fake_for_g, g_grad), (real, real_grad), (fake_for_d, d_grad) = fed
+    [latents] = generated
+    # G's adversarial term reads the generator's own output with its graph; D's fake input is that same output,
+    # detached (D's loss must not reach the generator); D's real input carries no graph either
+    assert torch.equal(fake_for_g, latents.detach()) and g_grad
+    assert torch.equal(fake_for_d, latents.detach()) and not d_grad and not real_grad
+    # each real sample is its own prompt's cached latents, in batch order
+    [names] = asked
+    assert len(names) == len(real) == len(latents)
+    for row, name in zip(real, names):
+        assert torch.equal(row, torch.load(cache / name, weights_only=True)["latents"])
     assert trainable_digest(module.generator) != digests["g"]
     assert trainable_digest(module.discriminator) != digests["d"]
     assert {"train/adv_loss", "train/d_loss"} <= set(trainer.callback_metrics)
