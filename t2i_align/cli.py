@@ -8,20 +8,27 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import yaml
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar, Timer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from t2i_align.io import CheckpointError, clean_stale_temporaries, load_checkpoint_file
+from t2i_align.callbacks.checkpoint import SaveOnSigterm
+from t2i_align.common import ConfigError, UserError
+from t2i_align.io import clean_stale_temporaries, load_checkpoint_file
 from t2i_align.lightning_modules.base import AlignmentModule
 from t2i_align.runs import (
     CONFIG_KEY,
+    config_differences,
     is_checkpoint_file_path,
     output_roots,
     remove_unused_run_dir,
@@ -34,6 +41,48 @@ DESCRIPTION = (
     "experiment); `t2i-align fit --config ... --help` describes every parameter of the chosen classes. "
     "--ckpt_path last resumes the newest checkpoint of the run (last_or_new: or starts a new one)."
 )
+
+
+#: Set to 1 for full tracebacks and jsonargparse's complete messages instead of the one-line errors.
+DEBUG_ENV = "T2I_ALIGN_DEBUG"
+
+
+def debug_mode() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def short_parse_error(message: str) -> str:
+    """jsonargparse's nested message in one line: the dotted key (as nested ``Parser key``s name it) and the
+    innermost complaint, e.g. ``model.optimizer.lr: expected a float or a Tensor, got 'fast'``."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    lines = [line.strip().lstrip("- ").strip() for line in message.splitlines()]
+    expected = [m for line in lines for m in re.findall(r"Expected a <class '([\w.]+)'>", line) if m != "NoneType"]
+    complaints = [line for line in lines if line and not line.startswith((
+        "Parser key", "Does not validate", "Subtypes:", "Errors:", "Given value", "Problem with given class_path",
+        "Expected a <class", "Expected a dot import path", "Expected a path but", "Type typing."))]
+    given = re.findall(r"Given value: (.*?)(?:\. Got value:|$)", message, flags=re.M)
+    where = ".".join(keys)
+    if complaints:
+        what = complaints[-1]
+    elif expected:
+        what = "expected " + " or ".join(dict.fromkeys(e.rsplit(".", 1)[-1] for e in expected))
+        if given:
+            what += f", got {given[0].strip()!r}"
+    else:
+        return " ".join(line for line in lines if line)
+    return f"{where}: {what}" if where else what
+
+
+class T2IArgumentParser(LightningArgumentParser):
+    """Parse errors in one line that names the key (jsonargparse's full message with T2I_ALIGN_DEBUG=1)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if debug_mode() or not self.exit_on_error:
+            return super().error(message, ex)
+        self._logger.error(message)
+        sys.stderr.write(f"t2i-align: error: {short_parse_error(message)} (`{self.prog.replace(' [options]', '')} "
+                         f"--help` lists the options; {DEBUG_ENV}=1 shows the full message)\n")
+        self.exit(2)
 
 
 class _DropLightningTip(logging.Filter):
@@ -54,6 +103,25 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropLightningTip())  # an advertisement for a cloud logger
+
+
+def check_folder_is_this_runs(config_file: str, config: dict[str, Any]) -> None:
+    """Without a logger every run writes ``config.yaml``, ``checkpoints/`` and ``lora/`` straight into
+    ``default_root_dir``: refuse a folder that already holds a run of another ``model``/``data`` config (a resume
+    of the same run may write there again)."""
+    if not os.path.isfile(config_file):
+        return
+    with open(config_file) as f:
+        recorded = yaml.safe_load(f) or {}
+    recorded = recorded.get("fit", recorded)  # the file holds the subcommand's config
+    differing = [k for section in ("model", "data")
+                 for k in config_differences(recorded.get(section), config.get(section), section)]
+    if differing:
+        raise ConfigError(
+            f"{config_file} belongs to another run ({', '.join(differing[:4])}{' ...' if len(differing) > 4 else ''} "
+            "differ), and without a logger both runs would write their config, checkpoints and export into "
+            f"{os.path.dirname(config_file)}: give this run its own trainer.default_root_dir or add a logger"
+        )
 
 
 def config_record(config_dump: dict[str, Any], sections: tuple[str, ...] = ("model", "data")) -> dict[str, Any]:
@@ -94,9 +162,13 @@ class RunConfigCallback(SaveConfigCallback):
             if run_dir:
                 os.makedirs(run_dir, exist_ok=True)
                 self.parser.save(self.config, os.path.join(run_dir, filename), skip_unset=False, overwrite=True)
-        if not trainer.loggers:
+        if not trainer.loggers:  # the run folder is default_root_dir itself: one run (and its resumes) per folder
             os.makedirs(trainer.default_root_dir, exist_ok=True)
-            path = os.path.join(trainer.default_root_dir, self.config_filename)
+            if stage == "fit":
+                path = os.path.join(trainer.default_root_dir, self.config_filename)
+                check_folder_is_this_runs(path, config)
+            else:  # validate / predict of a trained run beside it: keep the training's config.yaml
+                path = os.path.join(trainer.default_root_dir, f"{stage}_{self.config_filename}")
             self.parser.save(self.config, path, skip_unset=False, overwrite=True)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -113,6 +185,7 @@ class T2ICLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunConfigCallback)
+        kwargs.setdefault("parser_class", T2IArgumentParser)
         # The methods draw every random number from their own `seed`; one global seed for anything else.
         kwargs.setdefault("seed_everything_default", 0)
         parser_kwargs = kwargs.pop("parser_kwargs", {}) or {}
@@ -131,6 +204,7 @@ class T2ICLI(LightningCLI):
         )
 
     def parse_arguments(self, parser, args) -> None:
+        check_config_files(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -139,12 +213,23 @@ class T2ICLI(LightningCLI):
             load_checkpoint_file(ckpt_path)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        # Every run saves and exits non-zero on SIGTERM (callbacks.checkpoint.SaveOnSigterm).
         # Lightning's rich bar prints "Epoch 0/-2" for step-bounded runs (max_epochs = -1): default to tqdm.
         config = self._get(self.config_init, "trainer", default={})
+        accelerator = config.get("accelerator")
+        if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={accelerator}, but torch sees no CUDA device (a CPU-only torch "
+                              "build, no driver, or CUDA_VISIBLE_DEVICES hides them); use cpu or auto")
         callbacks = list(config.get("callbacks") or [])
+        extra = [] if any(isinstance(c, SaveOnSigterm) for c in callbacks) else [SaveOnSigterm()]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs.setdefault("callbacks", [*callbacks, TQDMProgressBar()])
+            extra.append(TQDMProgressBar())
+        if extra:
+            kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), *extra]
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        check_training_ends(self.trainer)
 
     # The subcommands (LightningCLI calls a method of this name instead of the trainer's when there is one).
     def fit(self, model, **kwargs) -> None:
@@ -165,7 +250,8 @@ class T2ICLI(LightningCLI):
         dump = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))[subcommand]
         if trainer.is_global_zero:  # before this run writes anything; other ranks have not started writing
             clean_stale_temporaries(output_roots(trainer, self.datamodule))
-        kwargs["ckpt_path"] = resolve_ckpt_path(kwargs.get("ckpt_path"), trainer, config_record(dump, sections))
+        kwargs["ckpt_path"] = resolve_ckpt_path(kwargs.get("ckpt_path"), trainer, config_record(dump, sections),
+                                                subcommand, model)
         try:
             with warnings.catch_warnings():
                 if subcommand != "fit":  # callback states (checkpointing, EMA) matter only to a resumed fit
@@ -176,14 +262,77 @@ class T2ICLI(LightningCLI):
             raise
 
 
+def check_training_ends(trainer: L.Trainer) -> None:
+    """Training reads endless streams (datamodules.sampler), so an epoch never ends by itself: a fit must be bounded
+    by ``max_steps``, by ``max_epochs`` with an integer ``limit_train_batches`` (ARL's rounds) or by ``max_time``."""
+    limit = trainer.limit_train_batches
+    bounded_epochs = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
+    timed = any(isinstance(c, Timer) for c in trainer.callbacks)  # trainer.max_time adds a Timer
+    if trainer.max_steps == -1 and not bounded_epochs and not timed:
+        raise ConfigError(
+            "trainer.max_steps is not set: training streams never end, so max_epochs alone would run forever; set "
+            "trainer.max_steps (or max_epochs with an integer trainer.limit_train_batches, or trainer.max_time)"
+        )
+
+
+def check_config_files(args) -> None:
+    """Each ``--config`` file exists and is valid YAML, else one sentence naming the file and line (jsonargparse
+    reports a YAML error without the file's name)."""
+    args = [str(a) for a in args]
+    files = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")]
+    files += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    named: list[tuple[str, str]] = []  # (config file, method class name) in stacking order
+    for path in files:
+        if not os.path.isfile(path):
+            raise UserError(f"config file {path}: no such file")
+        try:
+            with open(path) as f:
+                content = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+            raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        model = content.get("model") if isinstance(content, dict) else None
+        class_path = model.get("class_path") if isinstance(model, dict) else None
+        if isinstance(class_path, str):
+            named.append((path, class_path.rsplit(".", 1)[-1]))
+    # A method config (configs/method/*.yaml) chooses the method, and a later one replaces an earlier one; any other
+    # file that names a method (an experiment overlay) belongs to that method and must agree with the final choice.
+    choosers = [(path, method) for path, method in named if Path(path).parent.name == "method"] or named[-1:]
+    for path, method in named:
+        if (path, method) not in choosers and method != choosers[-1][1]:
+            raise UserError(f"{path} is an overlay for {method}, but the stacked configs train {choosers[-1][1]} "
+                            f"({choosers[-1][0]}); stack it with configs/method/ of its own method")
+
+
+def user_error(exception: BaseException) -> BaseException | None:
+    """The user-facing cause of a failure, if any: a :class:`UserError` anywhere in the exception's chain (jsonargparse
+    wraps errors raised while building the configured classes), or Lightning's misconfiguration errors."""
+    seen: set[int] = set()
+    pending = [exception]
+    while pending:
+        e = pending.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (UserError, MisconfigurationException)):
+            return e
+        pending += [e.__cause__, e.__context__]
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
+    """The command. Errors in what the user gave (config values, files, folders, checkpoints, environment) print one
+    line ``t2i-align: error: ...`` and exit 1; other errors are bugs and keep their traceback. From Python
+    (``args`` given) or with T2I_ALIGN_DEBUG=1, every exception propagates unchanged."""
     quiet_known_noise()
     try:
         T2ICLI(args=args)
-    except CheckpointError as e:  # one sentence that names the file; the traceback adds nothing
-        if args is not None:  # called from Python (tests, scripts): keep the exception
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is the user's to fix
+        cause = user_error(e)
+        if cause is None or args is not None or debug_mode():
             raise
-        sys.exit(f"t2i-align: error: {e}")
+        sys.exit(f"t2i-align: error: {cause}")
 
 
 if __name__ == "__main__":

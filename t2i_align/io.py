@@ -4,6 +4,7 @@ checkpoint files that cannot be loaded; removal of the temporaries a killed writ
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import re
@@ -49,12 +50,20 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     temporary name, and :func:`clean_stale_temporaries` puts it back.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}.{_HOST}.{os.getpid()}."
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{path.name}.{_HOST}.{os.getpid()}."
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
+    except OSError as e:  # read-only, not a folder, no space: name what was to be written, not the temporary
+        raise WriteError(f"cannot write {path}: {_reason(e, path.parent)}") from None
     target = tmp if is_dir else tmp / path.name
     try:
-        yield target
+        try:
+            yield target
+        except (OSError, RuntimeError) as e:
+            if _out_of_space(e):  # torch.save reports a full disk as a RuntimeError ("basic_ios::clear", ...)
+                raise WriteError(f"cannot write {path}: {_reason(e, path.parent)}") from e
+            raise
         _default_permissions(tmp)
         if not is_dir:
             with open(target, "rb") as f:
@@ -68,6 +77,31 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
             os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class WriteError(UserError, OSError):
+    """An output could not be written (read-only folder, a file where a folder should be, disk full)."""
+
+
+def _out_of_space(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    return "basic_ios::clear" in text or "file write failed" in text or "No space left" in text
+
+
+def _reason(error: BaseException, folder: Path) -> str:
+    if _out_of_space(error):
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        return f"no space left on the device of {folder} ({free})"
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{folder} is not writable ({error.strerror})"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} ({error.filename or folder})"
+    return str(error)
 
 
 def _pid_alive(pid: int) -> bool:

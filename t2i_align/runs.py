@@ -1,16 +1,37 @@
-"""Where a run's outputs live, which checkpoint ``--ckpt_path last`` resumes, and what a failed start leaves.
+"""Where a run's outputs live, which checkpoint ``--ckpt_path`` loads, and what a failed start leaves.
 
 Lightning puts checkpoints in ``<save_dir>/<name>/<version>/checkpoints`` of the first logger (CSV:
 ``version_N``, W&B: the run id) or ``<default_root_dir>/checkpoints`` without a logger, and every
 invocation opens a new version. Its own ``ckpt_path="last"`` looks only in the new, empty version and
-silently starts from step 0. Here ``last`` searches every version of the run's logger folder (and any
-explicit ``ModelCheckpoint(dirpath=...)``) for the newest checkpoint *of this configuration*: checkpoints
-record the ``model`` and ``data`` config they were trained with, so two experiments that share a logger
-folder never resume each other.
+silently starts from step 0. Checkpoints here record the ``model`` and ``data`` config they were trained with
+(:data:`CONFIG_KEY`), and a run's records (``config.yaml``, hparams, the next checkpoints) are what it runs:
+
+* ``fit --ckpt_path last`` searches every version of the run's logger folder (and any explicit
+  ``ModelCheckpoint(dirpath=...)``) for the newest checkpoint *of this configuration*, so two experiments that
+  share a logger folder never resume each other. When it passes over newer checkpoints of another
+  configuration it warns in one line (which ones, which keys differ): nobody resumes an older step by surprise.
+  ``last_or_new`` starts a new run when there is nothing to resume.
+* ``fit --ckpt_path X.ckpt`` resumes ``X`` only when it records this configuration (or none). Resuming a
+  checkpoint of other settings would carry on its restored state (the optimizer's learning rate and weight
+  decay, the schedule, the data stream) while the records claim the new settings, so it is refused in one
+  sentence that names the differing keys (after the weights were found to fit the model: another LoRA rank
+  or full fine-tuning is refused with its own sentence). Every resume, whatever its source, trains with the
+  configured optimizer settings and schedule (see ``fork:``), so one from a checkpoint that records nothing
+  cannot keep stale ones either.
+* ``fit --ckpt_path fork:X.ckpt`` continues ``X`` on purpose with this run's settings: from its step, with its
+  weights, optimizer moments and data position, and with the configured optimizer settings and schedule
+  (``AlignmentModule`` puts them back after Lightning restores the checkpoint's). The fork's checkpoints record
+  its own configuration, so ``last`` keeps the original run and the fork apart. A fork keeps the checkpoint's
+  data stream, so one with another ``data.init_args.seed`` is refused.
+* ``validate`` / ``test`` / ``predict --ckpt_path last`` match the ``model`` section only (the data section is
+  the evaluation's). Checkpoints of runs that differ elsewhere (a data ablation sharing the folder) are
+  candidates alike, so more than one of them is refused as ambiguous, naming each: give the path of the one
+  meant. Exports record the checkpoint they used (:func:`checkpoint_identity`: path, sha256, recorded config).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -18,13 +39,17 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
-from t2i_align.io import CheckpointError
+from t2i_align.io import CheckpointError, load_checkpoint_file
 
 #: ``--ckpt_path`` values resolved here: ``last`` must find a checkpoint; ``last_or_new`` starts a new run
 #: when there is none (set-and-forget launch scripts, e.g. SLURM requeue).
 RESUME_VALUES = ("last", "last_or_new")
+#: ``--ckpt_path fork:X.ckpt``: continue ``X`` on purpose with this run's (other) settings.
+FORK_PREFIX = "fork:"
 #: Key under which checkpoints record the run's configuration (``{"model": ..., "data": ...}``).
 CONFIG_KEY = "t2i_align_config"
 #: Config keys that may change between the segments of one run (they do not change what is trained).
@@ -66,55 +91,178 @@ def config_differences(recorded: Any, current: Any, prefix: str = "") -> list[st
     return [] if recorded == current else [prefix or "<root>"]
 
 
-def find_resume_checkpoint(trainer: L.Trainer, config: dict[str, Any]) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint (by modification time) under :func:`checkpoint_folders` and Lightning's
-    ``hpc_ckpt_*.ckpt`` whose recorded config matches ``config`` (checkpoints without a record match).
+def recorded_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The run config a checkpoint records under :data:`CONFIG_KEY` (None for one written without it). A local
+    file is memory-mapped: only the small record is read from a large (full fine-tuning) checkpoint."""
+    if "://" in str(path):
+        with get_filesystem(path).open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True).get(CONFIG_KEY)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(CONFIG_KEY)
 
-    Returns ``(path or None, notes)``: a note per newer checkpoint that was passed over, saying which keys
-    differ, for the error message when nothing matches.
+
+def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint (tensors memory-mapped), or the one-sentence :class:`CheckpointError` of a file that is none."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - no zip archive to map: read it whole, or say what is wrong in one sentence
+        return load_checkpoint_file(path)
+    return checkpoint if isinstance(checkpoint, dict) and "state_dict" in checkpoint else load_checkpoint_file(path)
+
+
+def _check_explicit(path: str, config: dict[str, Any], model: Any) -> list[str]:
+    """The keys of ``config`` that a checkpoint given by path to ``fit`` records otherwise, after refusing one
+    whose trained weights do not fit ``model`` (that sentence says more than the differing keys)."""
+    checkpoint = _read_checkpoint(path)
+    if model is not None:  # imported here: the modules' package imports this module
+        from t2i_align.lightning_modules.base import check_trainable_state
+
+        check_trainable_state(checkpoint["state_dict"], model, path)
+    recorded = checkpoint.get(CONFIG_KEY)
+    return [] if recorded is None else record_differences(recorded, config)
+
+
+def record_differences(recorded: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Dotted keys of the sections of ``config`` (``model``, ``data``) that differ in a checkpoint's record."""
+    return [k for section in config for k in config_differences(recorded.get(section), config[section], section)]
+
+
+def _keys(differences: list[str], shown: int = 4) -> str:
+    return ", ".join(differences[:shown]) + (" ..." if len(differences) > shown else "")
+
+
+def find_resume_checkpoint(trainer: L.Trainer, config: dict[str, Any]) -> tuple[list[tuple[Path, dict | None]], list[tuple[Path, str]]]:
+    """Checkpoints under :func:`checkpoint_folders` and Lightning's ``hpc_ckpt_*.ckpt`` whose recorded config
+    matches ``config`` (checkpoints without a record match), newest (by modification time) first.
+
+    Returns ``(matches, passed_over)``: ``matches`` as ``(path, recorded config)``; ``passed_over`` as
+    ``(path, why)`` for each checkpoint newer than the newest match (all of them when nothing matches) that is
+    of another configuration or unreadable.
     """
     files = {p for folder in checkpoint_folders(trainer) if folder.is_dir() for p in folder.glob("*.ckpt")}
     files |= set(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
-    notes: list[str] = []
+    matches: list[tuple[Path, dict | None]] = []
+    passed_over: list[tuple[Path, str]] = []
     for path in sorted(files, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
-            # mmap: only the small config record is read from a large (full fine-tuning) checkpoint.
-            recorded = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(CONFIG_KEY)
+            recorded = recorded_config(path)
         except Exception:  # noqa: BLE001 - an unreadable file is not a candidate; say so if nothing else fits
-            notes.append(f"{path} is unreadable")
-            continue
-        if recorded is None:
-            return path, notes
-        differences = [k for section in config for k in config_differences(recorded.get(section), config[section], section)]
-        if not differences:
-            return path, notes
-        notes.append(f"{path} is of another configuration ({', '.join(differences[:4])}{' ...' if len(differences) > 4 else ''} differ)")
-    return None, notes
+            recorded, why = None, "is unreadable"
+        else:
+            differences = [] if recorded is None else record_differences(recorded, config)
+            if not differences:
+                matches.append((path, recorded))
+                continue
+            why = f"is of another configuration ({_keys(differences)} differ)"
+        if not matches:
+            passed_over.append((path, why))
+    return matches, passed_over
 
 
 def is_checkpoint_file_path(value: str | None) -> bool:
-    """Whether a ``--ckpt_path`` value names a local file (not ``last``/``best``/``hpc``/``registry``/a URL)."""
-    return bool(value) and value not in (*RESUME_VALUES, "best", "hpc", "registry") and "://" not in str(value)
+    """Whether a ``--ckpt_path`` value names a local file (not ``last``/``best``/``hpc``/``registry``/a URL, nor
+    a ``fork:`` of one, which :func:`resolve_ckpt_path` checks)."""
+    return (bool(value) and value not in (*RESUME_VALUES, "best", "hpc", "registry") and "://" not in str(value)
+            and not str(value).startswith(FORK_PREFIX))
 
 
-def resolve_ckpt_path(value: str | None, trainer: L.Trainer, config: dict[str, Any]) -> str | None:
-    """``last`` / ``last_or_new`` -> the checkpoint to resume (see :func:`find_resume_checkpoint`); other values
-    pass through. The file itself is read (and a bad one refused in one sentence) by ``AtomicCheckpointIO``."""
-    if value not in RESUME_VALUES:
-        return value
-    path, notes = find_resume_checkpoint(trainer, config)
-    if path is not None:
-        L.pytorch.utilities.rank_zero_info(f"Resuming from {path}")
-        return str(path)
+def resolve_ckpt_path(value: str | None, trainer: L.Trainer, config: dict[str, Any], subcommand: str = "fit",
+                      model: Any = None) -> str | None:
+    """The checkpoint ``trainer.<subcommand>`` loads for ``--ckpt_path value`` (see the module docstring):
+    ``last`` / ``last_or_new`` are searched (:func:`find_resume_checkpoint`), ``fork:X`` becomes ``X``, and
+    ``fit`` from a file recording other settings than ``config`` is refused. Other values pass through; the
+    file itself is read (and a bad one refused in one sentence) by ``AtomicCheckpointIO``."""
+    if isinstance(value, str) and value.startswith(FORK_PREFIX):
+        return _fork(value[len(FORK_PREFIX):], config, subcommand, model)
+    if value in RESUME_VALUES:
+        return _find_last(value, trainer, config, subcommand)
+    if subcommand == "fit" and is_checkpoint_file_path(value):
+        differences = _check_explicit(value, config, model)
+        if differences:
+            raise CheckpointError(
+                f"{value} was trained with other settings ({_keys(differences, 6)} differ from this run's): resuming "
+                "it would carry on its saved optimizer and data state while this run's records claim the new settings. "
+                "Resume it with the config it records (the config.yaml of its run), or fork it on purpose with "
+                f"--ckpt_path {FORK_PREFIX}{value} (continues from its step with this run's settings)."
+            )
+    return value
+
+
+def _fork(path: str, config: dict[str, Any], subcommand: str, model: Any) -> str:
+    if subcommand != "fit":
+        raise CheckpointError(f"--ckpt_path {FORK_PREFIX}{path}: a fork continues training (fit); for {subcommand} "
+                              f"give the checkpoint itself, --ckpt_path {path}")
+    differences = _check_explicit(path, config, model)
+    if "data.init_args.seed" in differences:  # the restored sampler state adopts the checkpoint's seed
+        raise CheckpointError(f"--ckpt_path {FORK_PREFIX}{path}: a fork continues the checkpoint's data stream, its "
+                              "data.init_args.seed included; keep that seed, or start a new run (no --ckpt_path) "
+                              "for another order")
+    settings = f"{_keys(differences, 6)} differ from its own" if differences else "the same as its own"
+    L.pytorch.utilities.rank_zero_info(f"Forking {path}: continuing from its step with this run's settings ({settings})")
+    return path
+
+
+def _find_last(value: str, trainer: L.Trainer, config: dict[str, Any], subcommand: str) -> str | None:
+    matches, passed_over = find_resume_checkpoint(trainer, config)
     where = ", ".join(str(f) for f in checkpoint_folders(trainer)) or trainer.default_root_dir
-    detail = f"; {len(notes)} checkpoint(s) there belong elsewhere, the newest {notes[0]}" if notes else ""
-    if value == "last_or_new":
-        L.pytorch.utilities.rank_zero_info(f"--ckpt_path last_or_new: no checkpoint of this run in {where}{detail}; starting a new run")
-        return None
-    raise CheckpointError(
-        f"--ckpt_path last: no checkpoint of this run in {where}{detail}. Drop --ckpt_path to start a new run, "
-        "pass --ckpt_path last_or_new to start one when there is nothing to resume, or give a .ckpt path."
-    )
+    if not matches:
+        others = [p for p, why in passed_over if why.startswith("is of another")]
+        detail = (f"; {len(passed_over)} checkpoint(s) there belong elsewhere, the newest {passed_over[0][0]} "
+                  f"{passed_over[0][1]}") if passed_over else ""
+        if value == "last_or_new":
+            L.pytorch.utilities.rank_zero_info(f"--ckpt_path last_or_new: no checkpoint of this run in {where}{detail}; starting a new run")
+            return None
+        fork = (f", or continue {others[0]} with these settings on purpose: --ckpt_path {FORK_PREFIX}{others[0]}"
+                if others and subcommand == "fit" else "")
+        raise CheckpointError(
+            f"--ckpt_path last: no checkpoint of this run in {where}{detail}. Drop --ckpt_path to start a new run, "
+            f"pass --ckpt_path last_or_new to start one when there is nothing to resume{fork}."
+        )
+    path, recorded = matches[0]
+    # fit compares the whole record; the other subcommands only the model: runs of other data (an ablation
+    # sharing the folder) match too, and picking the newest of them would be a guess
+    candidates = [(path, recorded)]
+    for other, other_recorded in matches[1:] if subcommand != "fit" else []:
+        if not any(_same_run(other_recorded, r) for _, r in candidates):
+            candidates.append((other, other_recorded))
+    if len(candidates) > 1:
+        described = [f"{p} ({_run_difference(r, recorded)})" for p, r in candidates[1:]]
+        raise CheckpointError(
+            f"--ckpt_path last: {len(candidates)} runs in {where} fit this {subcommand} config: the newest {path} and "
+            f"{'; '.join(described)}. Choose one with --ckpt_path <its .ckpt path>."
+        )
+    L.pytorch.utilities.rank_zero_info(f"Resuming from {path}")
+    if passed_over:
+        shown = "; ".join(f"{p} {why}" for p, why in passed_over[:3])
+        more = f"; and {len(passed_over) - 3} more" if len(passed_over) > 3 else ""
+        rank_zero_warn(
+            f"--ckpt_path last resumes {path}, the newest checkpoint of this configuration, and passed over "
+            f"{len(passed_over)} newer checkpoint(s): {shown}{more}. To continue one of those, run with its own config "
+            f"(the config.yaml of its run), or fork it on purpose with --ckpt_path {FORK_PREFIX}<its .ckpt path>."
+        )
+    return str(path)
+
+
+def _same_run(a: dict | None, b: dict | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return not config_differences(a, b)
+
+
+def _run_difference(recorded: dict | None, newest: dict | None) -> str:
+    if recorded is None or newest is None:
+        return "records no config" if recorded is None else "the newest records no config"
+    return f"{_keys(config_differences(recorded, newest))} differ"
+
+
+def checkpoint_identity(path: str | os.PathLike | None) -> dict[str, Any] | str:
+    """What an output made from a checkpoint records about it: its path, the sha256 of the file (read in
+    blocks) and the run config recorded in it; ``"base weights"`` when none was loaded."""
+    if path is None:
+        return "base weights"
+    with get_filesystem(path).open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    where = str(path) if "://" in str(path) else os.path.abspath(path)
+    return {"path": where, "sha256": digest, "config": recorded_config(path)}
 
 
 def output_roots(trainer: L.Trainer, datamodule: Any = None) -> list[Path]:
@@ -155,13 +303,17 @@ def remove_unused_run_dir(trainer: L.Trainer) -> Path | None:
 
 __all__ = [
     "CONFIG_KEY",
-    "CheckpointError",
+    "FORK_PREFIX",
     "RESUME_VALUES",
+    "CheckpointError",
     "checkpoint_folders",
+    "checkpoint_identity",
     "config_differences",
     "find_resume_checkpoint",
     "is_checkpoint_file_path",
     "output_roots",
+    "record_differences",
+    "recorded_config",
     "remove_unused_run_dir",
     "resolve_ckpt_path",
     "run_dir",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import random
 from pathlib import Path
 from typing import Sequence
@@ -256,3 +257,14 @@ class FixedTagger:
 
     def tags(self, images: torch.Tensor) -> list[list[str]]:
         return [list(self.fixed) for _ in images]
+
+
+class SigtermAt(L.Callback):
+    """Sends this process SIGTERM at the end of training step ``step`` (what a scheduler's time limit does)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -1,8 +1,8 @@
 """Lightning callbacks: checkpoints, weight export, EMA of the trainable weights; evaluation callbacks live in
 their own modules."""
 
-from t2i_align.callbacks.checkpoint import StepCheckpoint
+from t2i_align.callbacks.checkpoint import SaveOnSigterm, StepCheckpoint
 from t2i_align.callbacks.ema import TrainableEMA
 from t2i_align.callbacks.export import ExportWeights
 
-__all__ = ["ExportWeights", "StepCheckpoint", "TrainableEMA"]
+__all__ = ["ExportWeights", "SaveOnSigterm", "StepCheckpoint", "TrainableEMA"]

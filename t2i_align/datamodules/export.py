@@ -30,7 +30,7 @@ from t2i_align.datamodules.datamodule import check_for_generator
 from t2i_align.datamodules.prompts import Prompt, PromptSource, read_prompts
 from t2i_align.datamodules.sampler import ShardSampler
 from t2i_align.io import atomic_path
-from t2i_align.runs import config_differences
+from t2i_align.runs import checkpoint_identity, config_differences
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,10 @@ class BenchmarkExportData(L.LightningDataModule):
     without duplicates. Seeds depend on (seed, set, prompt id, image number) only.
 
     ``<output_dir>/export.json`` records the recipe (layout, prompts digest, seed, sampler settings, weights
-    digest) before the first image is written. A rerun into the same ``output_dir`` resumes only when it
-    records the same recipe; anything else is refused before an image is written.
+    digest, and the checkpoint loaded with ``--ckpt_path``: its path, the sha256 of the file and the run config
+    recorded in it, or ``"base weights"``) before the first image is written. A rerun into the same
+    ``output_dir`` resumes only when it records the same recipe (the checkpoint's path aside: the same file
+    moved is the same checkpoint); anything else is refused before an image is written.
 
     Args:
         prompts: the benchmark's prompt file (T2I-CompBench val txt, GenEval ``evaluation_metadata.jsonl``,
@@ -180,7 +182,8 @@ class BenchmarkExportData(L.LightningDataModule):
 
     def recipe(self, pl_module=None) -> dict:
         """What decides the images of this export: layout, prompts (ids and texts), seed, sampler settings and,
-        given the module, its weights (:func:`weights_identity`)."""
+        given the module, its weights (:func:`weights_identity`) and the checkpoint they were loaded from
+        (:func:`~t2i_align.runs.checkpoint_identity`)."""
         if self.prompts is None:
             raise RuntimeError("BenchmarkExportData.recipe() needs setup() first")
         listing = json.dumps([[p.source, p.id, p.text] for p in self.prompts], ensure_ascii=False)
@@ -194,6 +197,7 @@ class BenchmarkExportData(L.LightningDataModule):
         }
         if pl_module is not None:
             recipe["weights"] = weights_identity(pl_module)
+            recipe["checkpoint"] = checkpoint_identity(pl_module.trainer.ckpt_path)
         return recipe
 
     def predict_dataloader(self) -> DataLoader:
@@ -261,13 +265,21 @@ def check_export_folder(folder: Path, recipe: dict, existing_files: int) -> None
     except (json.JSONDecodeError, KeyError, TypeError):
         raise RuntimeError(f"{manifest} is not an export record of this version of t2i-align (no 'recipe'); "
                            "choose another output_dir or remove the folder") from None
-    differences = config_differences(recorded, recipe)
+    differences = [k for k in config_differences(recorded, recipe) if k != "checkpoint.path"]
     if differences:
-        shown = ", ".join(f"{k} ({_at(recorded, k)!r} there, {_at(recipe, k)!r} now)" for k in differences[:3])
+        shown = ", ".join(k if k.startswith("checkpoint") else f"{k} ({_at(recorded, k)!r} there, {_at(recipe, k)!r} now)"
+                          for k in differences[:3])
+        checkpoints = (f" (made from {_checkpoint_name(recorded)}, now from {_checkpoint_name(recipe)})"
+                       if any(k.startswith("checkpoint") for k in differences) else "")
         raise RuntimeError(
-            f"{folder} holds an export of other settings: {shown}{' ...' if len(differences) > 3 else ''}. Its "
-            "images cannot be reused: choose another output_dir, or remove the folder to redo the export"
+            f"{folder} holds an export of other settings: {shown}{' ...' if len(differences) > 3 else ''}{checkpoints}. "
+            "Its images cannot be reused: choose another output_dir, or remove the folder to redo the export"
         )
+
+
+def _checkpoint_name(recipe: dict) -> str:
+    entry = recipe.get("checkpoint", "an unrecorded checkpoint")
+    return entry.get("path", "?") if isinstance(entry, dict) else str(entry)
 
 
 def _at(tree, dotted: str):

@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from t2i_align.common import ConfigError
 from t2i_align.diffusion.attention import (
     AttentionStore,
     CaptureProcessor,
@@ -47,6 +48,17 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     init: bool | str = True
     dropout: float = 0.0
+
+    def __post_init__(self) -> None:  # peft's own messages do not name the config key
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"lora.rank must be a whole number >= 1, got {self.rank!r} "
+                              "(lora: null fine-tunes the whole UNet instead)")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"lora.alpha must be > 0 (or null for alpha = rank), got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules is empty: name the UNet modules that get LoRA (e.g. to_q, to_k)")
 
 
 @dataclass

@@ -13,6 +13,9 @@ What a method's author needs to know:
 * frozen experts (rewards, captioners, segmenters) are not children of the module: keep them in a plain
   attribute, ``self.experts = FrozenExperts(...)``, so DDP does not broadcast them and checkpoints do not hold them;
   :meth:`AlignmentModule.on_fit_start` and friends move them to the device (``self.experts``);
+* an override of ``on_fit_start`` calls ``super().on_fit_start()``: it keeps the configured optimizer and
+  scheduler settings, which ``on_train_start`` puts back over a resumed checkpoint's (the run trains with what
+  its config records, ``t2i_align.runs``);
 * two networks (CoMat's generator and discriminator): set ``automatic_optimization = False``, return one
   optimizer per network from ``configure_optimizers`` and step each with :meth:`AlignmentModule.manual_step`
   (the non-finite guard included); step the second one with ``count_step=False`` so that ``global_step`` (and
@@ -23,11 +26,14 @@ What a method's author needs to know:
 from __future__ import annotations
 
 import contextlib
+import copy
+import warnings
 from typing import Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from t2i_align.common import derive_seed
@@ -105,6 +111,15 @@ class AlignmentModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._move_experts()
+        # As configured: Lightning restores a checkpoint's optimizer and scheduler states over them after this hook.
+        self._configured_optimization = optimization_settings(self.trainer)
+
+    def on_train_start(self) -> None:
+        configured = getattr(self, "_configured_optimization", None)
+        if self.trainer.ckpt_path is not None and configured is not None:
+            changed = apply_optimization_settings(self.trainer, configured)
+            if changed:
+                rank_zero_info(f"Resumed with this run's optimizer settings instead of the checkpoint's: {', '.join(changed)}")
 
     def on_validation_start(self) -> None:
         self._move_experts()
@@ -253,6 +268,37 @@ class AlignmentModule(L.LightningModule):
         state = checkpoint.get("t2i_align", {})
         self.batches_started = int(state.get("batches_started", 0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+
+
+def optimization_settings(trainer: L.Trainer) -> tuple[list[list[dict]], list[dict]]:
+    """Every optimizer's param-group settings (all but the parameters: lr, weight decay, betas, ...) and every
+    learning-rate scheduler's state, as copies."""
+    groups = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in trainer.optimizers]
+    return copy.deepcopy((groups, [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]))
+
+
+def apply_optimization_settings(trainer: L.Trainer, configured: tuple[list[list[dict]], list[dict]]) -> list[str]:
+    """After Lightning restored a checkpoint's optimizer and scheduler states: put back the configured settings
+    (:func:`optimization_settings` before the restore) and replay each configured schedule to the restored step,
+    so the run trains with what its config records. The optimizers' own state (moments, step counts) stays.
+    A resume with the checkpoint's own settings changes nothing. Returns the changes ("lr 0.0001 -> 0.5")."""
+    groups, schedulers = configured
+    before = optimization_settings(trainer)[0]
+    for optimizer, settings in zip(trainer.optimizers, groups):
+        for group, configured_group in zip(optimizer.param_groups, settings):
+            group.update(copy.deepcopy(configured_group))
+    for config, state in zip(trainer.lr_scheduler_configs, schedulers):
+        scheduler, restored_steps = config.scheduler, config.scheduler.last_epoch
+        scheduler.load_state_dict(copy.deepcopy(state))  # its configured settings, at its start
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": a replay, not training
+            warnings.simplefilter("ignore")
+            for _ in range(restored_steps - state["last_epoch"]):
+                scheduler.step()
+    changes = []
+    for old_groups, new_groups in zip(before, optimization_settings(trainer)[0]):
+        old, new = old_groups[0], new_groups[0]  # shown for the first param group of each optimizer
+        changes += [f"{key} {old.get(key)!r} -> {new[key]!r}" for key in new if repr(old.get(key)) != repr(new[key])]
+    return changes
 
 
 def ddp_ignore(module: L.LightningModule, prefix: str) -> None:

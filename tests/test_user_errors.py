@@ -1,0 +1,123 @@
+"""What a user sees when the input is wrong: one line `t2i-align: error: ...` that names the key or file and what was
+expected, no traceback; bugs keep their traceback. Also the bounds that used to be silent: a limit that drops
+prompts, a fit that never ends."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from t2i_align.cli import main, short_parse_error
+from t2i_align.common import ConfigError, UserError
+from t2i_align.datamodules.pairs import PairSource
+from t2i_align.datamodules.prompts import PromptSource
+from tests.helpers import REPO_ROOT, tiny_fit_args
+
+CONFIGS = Path(REPO_ROOT) / "configs"
+
+
+def run_command(monkeypatch, capsys, args: list[str]) -> tuple[int | str | None, str]:
+    """``t2i-align ARGS`` as from the shell (sys.argv, not main(args)): its exit code/message and stderr."""
+    monkeypatch.setattr(sys, "argv", ["t2i-align", *args])
+    monkeypatch.delenv("T2I_ALIGN_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    return stopped.value.code, capsys.readouterr().err
+
+
+def one_line(code, err: str) -> str:
+    """The single error line: either sys.exit's message or the parser's line on stderr."""
+    text = code if isinstance(code, str) else err.strip().splitlines()[-1]
+    assert "Traceback" not in err and text.startswith("t2i-align: error: ") and "\n" not in text
+    return text
+
+
+@pytest.fixture
+def fit(tiny_sd, tiny_pairs, tmp_path):
+    return lambda *extra: [*tiny_fit_args(tiny_sd, tiny_pairs, tmp_path, 1), "--trainer.logger=false", *extra]
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--model.init_args.optimizer.init_args.lr=fast"], "model.optimizer.lr: expected float, got 'fast'"),
+    (["--model.init_args.generator.lora.rnk=3"], "model.generator.lora: Option 'rnk' is not accepted"),
+    (["--trainer.max_stepz=3"], "unrecognized arguments: --trainer.max_stepz=3"),
+])
+def test_parse_errors_are_one_line_naming_the_key(fit, monkeypatch, capsys, extra, expected):
+    code, err = run_command(monkeypatch, capsys, fit(*extra))
+    assert code == 2
+    assert expected in one_line(code, err)
+
+
+def test_a_yaml_error_names_the_file_and_line(fit, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_steps: 3\n  callbacks: [1\n")
+    code, err = run_command(monkeypatch, capsys, fit("--config", str(bad)))
+    assert one_line(code, err).startswith(f"t2i-align: error: {bad}:4:1: not valid YAML")
+    code, err = run_command(monkeypatch, capsys, fit("--config", str(tmp_path / "nothing.yaml")))
+    assert one_line(code, err) == f"t2i-align: error: config file {tmp_path / 'nothing.yaml'}: no such file"
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--model.init_args.generator.pretrained=/no/such/model"], "Stable Diffusion pipeline '/no/such/model': no such folder"),
+    (["--model.init_args.generator.pretrained=some-org/some-model"], "is neither a local folder nor in the Hugging Face cache"),
+    (["--data.init_args.train_pairs.limit=-1"], "limit must be a whole number >= 1"),
+    (["--data.init_args.train_pairs.limit=0"], "limit must be a whole number >= 1"),
+    (["--trainer.max_steps=-1", "--trainer.max_epochs=1"], "trainer.max_steps is not set"),
+])
+def test_errors_while_building_the_run_are_one_line(fit, monkeypatch, capsys, extra, expected):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run_command(monkeypatch, capsys, fit(*extra))
+    assert expected in one_line(code, err)
+
+
+def test_bugs_keep_their_traceback_and_python_callers_get_the_exception(fit, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(Exception) as raised:  # from Python: the exception itself, whatever wraps it
+        main(fit("--trainer.max_steps=-1", "--trainer.max_epochs=1"))
+    assert isinstance(raised.value, ConfigError)
+    monkeypatch.setattr(sys, "argv", ["t2i-align", *fit()])
+    monkeypatch.setattr("t2i_align.cli.T2ICLI", lambda **kwargs: 1 / 0)  # a bug, not the user's input
+    with pytest.raises(ZeroDivisionError):
+        main()
+
+
+@pytest.mark.parametrize("limit", [-1, 0, 1.5, True])
+def test_a_limit_that_would_drop_prompts_is_refused_where_it_is_configured(limit):
+    with pytest.raises(ConfigError, match=r"prompts\.txt: limit must be a whole number >= 1"):
+        PromptSource("prompts.txt", limit=limit)
+    with pytest.raises(ConfigError, match=r"pairs\.jsonl: limit must be a whole number >= 1"):
+        PairSource("pairs.jsonl", limit=limit)
+    assert isinstance(ConfigError("x"), (UserError, ValueError))
+
+
+def test_short_parse_error_keeps_the_innermost_complaint():
+    message = ('Parser key "model":\n  Does not validate against any of the Union subtypes\n  Errors:\n'
+               '    - Problem with given class_path \'x.Finetune\':\n        Parser key "seed":\n'
+               "          Expected a <class 'int'>\n          Given value: abc\n    - Expected a <class 'NoneType'>\n")
+    assert short_parse_error(message) == "model.seed: expected int, got 'abc'"
+
+
+def test_two_runs_without_a_logger_never_share_a_folder(fit, tmp_path):
+    main(fit())
+    config, export = tmp_path / "config.yaml", tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    before = (config.read_bytes(), export.read_bytes())
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'config.yaml'} belongs to another run \(model\.init_args\."
+                                          r"optimizer\.init_args\.lr differ\).*own trainer\.default_root_dir"):
+        main(fit("--model.init_args.optimizer.init_args.lr=0.5"))
+    assert (config.read_bytes(), export.read_bytes()) == before  # the first run's record and export are intact
+    main(fit("--trainer.max_steps=2", "--ckpt_path=last"))  # its own resume still writes there
+
+
+def test_a_method_stacked_with_another_methods_overlay_is_refused(tiny_sd, tiny_pairs, tmp_path, monkeypatch, capsys):
+    args = [*tiny_fit_args(tiny_sd, tiny_pairs, tmp_path, 1), "--trainer.logger=false"]
+    args[args.index(str(CONFIGS / "method/finetune.yaml"))] = str(CONFIGS / "method/refl.yaml")
+    overlay = str(CONFIGS / "experiment/toyworld_comat.yaml")
+    code, err = run_command(monkeypatch, capsys, [*args, "--config", overlay])
+    assert one_line(code, err) == (
+        f"t2i-align: error: {overlay} is an overlay for CoMat, but the stacked configs train ReFL "
+        f"({CONFIGS / 'method/refl.yaml'}); stack it with configs/method/ of its own method")
+    code, err = run_command(monkeypatch, capsys, [*args[:1], "--config", overlay, *args[1:]])  # in either order
+    assert "is an overlay for CoMat, but the stacked configs train ReFL" in one_line(code, err)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
