@@ -79,6 +79,15 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+#: Longest file name most file systems take (NAME_MAX of ext4, XFS, tmpfs, ...), in bytes.
+NAME_MAX = 255
+
+
+def temporary_name_length(name: str) -> int:
+    """Bytes in the name of :func:`atomic_path`'s temporary for a file called ``name`` (the longer of the two)."""
+    return len(f".{name}.{_HOST}.{os.getpid()}.{'x' * 8}.tmp".encode())
+
+
 class WriteError(UserError, OSError):
     """An output could not be written (read-only folder, a file where a folder should be, disk full)."""
 

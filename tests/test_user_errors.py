@@ -13,6 +13,10 @@ from t2i_align.cli import main, short_parse_error
 from t2i_align.common import ConfigError, UserError
 from t2i_align.datamodules.pairs import PairSource
 from t2i_align.datamodules.prompts import PromptSource
+from t2i_align.diffusion.loading import ModelLoadError
+from t2i_align.experts.captioner import BlipLikelihood
+from t2i_align.experts.clip import CLIPImageFeatures
+from t2i_align.io import WriteError, atomic_path
 from tests.helpers import REPO_ROOT, tiny_fit_args
 
 CONFIGS = Path(REPO_ROOT) / "configs"
@@ -121,3 +125,43 @@ def test_a_method_stacked_with_another_methods_overlay_is_refused(tiny_sd, tiny_
     code, err = run_command(monkeypatch, capsys, [*args[:1], "--config", overlay, *args[1:]])  # in either order
     assert "is an overlay for CoMat, but the stacked configs train ReFL" in one_line(code, err)
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), RuntimeError(
+    "[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: basic_ios::clear: iostream error")])
+def test_a_full_disk_is_named_with_the_target_not_a_stream_error(tmp_path, failure):
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(WriteError, match=rf"cannot write {target}: no space left on the device of {target.parent} "
+                                         r"\(\d+ MiB free\)"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise failure
+    assert list(target.parent.iterdir()) == []  # nothing half-written left behind
+
+
+def test_an_unwritable_output_names_the_target_not_its_temporary(tmp_path, monkeypatch):
+    blocker = tmp_path / "export"
+    blocker.write_text("a file where the export folder should be")
+    with pytest.raises(WriteError, match=rf"cannot write {blocker / 'lora.safetensors'}: ") as raised:
+        with atomic_path(blocker / "lora.safetensors"):
+            pass
+    assert ".tmp" not in str(raised.value)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".x.host.1.abc.tmp"))
+
+    monkeypatch.setattr("tempfile.mkdtemp", read_only)  # root ignores chmod: simulate a read-only folder
+    with pytest.raises(WriteError, match=rf"cannot write {tmp_path / 'out.json'}: {tmp_path} is not writable"):
+        with atomic_path(tmp_path / "out.json"):
+            pass
+
+
+@pytest.mark.parametrize(("build", "what"), [
+    (lambda path: CLIPImageFeatures(path), "CLIP model"),
+    (lambda path: BlipLikelihood(path), "captioner"),
+])
+def test_experts_say_a_mistyped_folder_is_missing_before_any_loader_runs(tmp_path, build, what):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelLoadError) as raised:
+        build(str(missing))
+    assert str(raised.value) == f"{what} '{missing}': no such folder"

@@ -18,6 +18,7 @@ from torchmetrics.functional.multimodal.clip_score import _clip_score_update
 from torchmetrics.multimodal.clip_score import CLIPScore
 
 from t2i_align.callbacks.evaluation import GenerativeEvaluation
+from t2i_align.diffusion.loading import resolve_pretrained
 
 
 class _TensorFeatures(torch.nn.Module):
@@ -43,9 +44,11 @@ def load_clip(pretrained: str):
     """``() -> (model, CLIPProcessor)`` for torchmetrics, from a hub id or a local folder."""
     from transformers import CLIPModel, CLIPProcessor
 
+    source = resolve_pretrained(pretrained, "CLIP model")
+
     def load():
-        model = CLIPModel.from_pretrained(pretrained, dtype=torch.float32).eval().requires_grad_(False)
-        return _TensorFeatures(model), CLIPProcessor.from_pretrained(pretrained)
+        model = CLIPModel.from_pretrained(source, dtype=torch.float32).eval().requires_grad_(False)
+        return _TensorFeatures(model), CLIPProcessor.from_pretrained(source)
 
     return load
 

@@ -25,11 +25,11 @@ from typing import Sequence
 import lightning as L
 from torch.utils.data import DataLoader
 
-from t2i_align.common import derive_seed
+from t2i_align.common import ConfigError, derive_seed
 from t2i_align.datamodules.datamodule import check_for_generator
 from t2i_align.datamodules.prompts import Prompt, PromptSource, read_prompts
 from t2i_align.datamodules.sampler import ShardSampler
-from t2i_align.io import atomic_path
+from t2i_align.io import NAME_MAX, atomic_path, temporary_name_length
 from t2i_align.runs import checkpoint_identity, config_differences
 
 
@@ -46,7 +46,7 @@ class Layout:
         n = self.images_per_prompt
         if self.name == "t2i_compbench":
             if "/" in prompt.text or "\x00" in prompt.text:
-                raise ValueError(f"prompt {prompt.source}:{prompt.id} {prompt.text!r} cannot be a file name")
+                raise ConfigError(f"prompt {prompt.source}:{prompt.id} {prompt.text!r} cannot be a file name")
             return [f"samples/{prompt.text}_{index * n + k:06d}.png" for k in range(n)]
         if self.name == "geneval":
             return [f"{index:05d}/samples/{k:04d}.png" for k in range(n)]
@@ -93,8 +93,20 @@ class Layout:
 
 def _safe_id(prompt: Prompt) -> str:
     if "/" in prompt.id or not prompt.id:
-        raise ValueError(f"prompt id {prompt.id!r} of {prompt.source} cannot be a file name")
+        raise ConfigError(f"prompt id {prompt.id!r} of {prompt.source} cannot be a file name")
     return prompt.id
+
+
+def check_name_length(prompt: Prompt, relpath: str) -> None:
+    """Refuse, before anything is rendered, a file name the file system would refuse midway (T2I-CompBench's layout
+    names files after the prompt text; the atomic write's temporary adds host, pid and a suffix)."""
+    name = Path(relpath).name
+    if temporary_name_length(name) > NAME_MAX:
+        raise ConfigError(
+            f"prompt {prompt.source}:{prompt.id} gives the file name '{name[:40]}...' ({len(name.encode())} bytes), "
+            f"longer than file systems take ({NAME_MAX} bytes, less {temporary_name_length('') } for the atomic "
+            "write's temporary): shorten the prompt or export it with another layout"
+        )
 
 
 LAYOUTS = {
@@ -171,6 +183,7 @@ class BenchmarkExportData(L.LightningDataModule):
         jobs, skipped = [], 0
         for index, p in enumerate(self.prompts):
             for f, rel in enumerate(self.layout.files(p, index)):
+                check_name_length(p, rel)
                 target = self.output_dir / rel
                 if target.exists():  # written atomically: an existing file is complete
                     skipped += 1

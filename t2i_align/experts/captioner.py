@@ -34,6 +34,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from t2i_align.diffusion.loading import resolve_pretrained
 from t2i_align.experts.base import check_images, expert_pixels
 
 
@@ -80,6 +81,7 @@ class BlipLikelihood(torch.nn.Module):
             raise ValueError(f"BlipLikelihood: dtype must name a torch float dtype, got {dtype!r}")
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
+        pretrained = resolve_pretrained(pretrained, "captioner")
         self.model = BlipForConditionalGeneration.from_pretrained(pretrained, dtype=torch_dtype)
         self.model.eval().requires_grad_(False)
         self.processor = BlipProcessor.from_pretrained(pretrained)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from t2i_align.diffusion.loading import resolve_pretrained
 from t2i_align.experts.base import expert_pixels
 
 
@@ -19,6 +20,7 @@ class CLIPImageFeatures(torch.nn.Module):
         super().__init__()
         from transformers import CLIPImageProcessor, CLIPModel
 
+        pretrained = resolve_pretrained(pretrained, "CLIP model")
         model = CLIPModel.from_pretrained(pretrained, dtype=torch.float32).eval().requires_grad_(False)
         self.vision, self.projection = model.vision_model, model.visual_projection
         processor = CLIPImageProcessor.from_pretrained(pretrained)

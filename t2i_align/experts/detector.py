@@ -12,6 +12,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
+from t2i_align.diffusion.loading import resolve_pretrained
 from t2i_align.experts.base import check_images, expert_pixels
 
 
@@ -42,6 +43,7 @@ class OwlV2Detector:
         from transformers import AutoTokenizer, Owlv2ForObjectDetection
         from transformers.utils import cached_file
 
+        pretrained = resolve_pretrained(pretrained, "detector")
         self.model = Owlv2ForObjectDetection.from_pretrained(pretrained, dtype=getattr(torch, dtype))
         self.model.to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained)

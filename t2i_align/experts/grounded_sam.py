@@ -19,6 +19,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from t2i_align.diffusion.loading import resolve_pretrained
 from t2i_align.experts.base import check_images
 
 # Thresholds: the values of Grounding DINO's README ("Running with Python": BOX_TRESHOLD = 0.35, TEXT_TRESHOLD = 0.25;
@@ -235,9 +236,11 @@ class GroundedSAMSegmenter(_BoxesThenMasks):
         from transformers import AutoTokenizer, GroundingDinoForObjectDetection, SamModel
 
         torch_dtype = getattr(torch, dtype)
+        detector = resolve_pretrained(detector, "Grounding DINO model")
         self.detector = GroundingDinoForObjectDetection.from_pretrained(detector, dtype=torch_dtype)
         self.detector.to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(detector)
+        sam = resolve_pretrained(sam, "SAM model")
         self.sam = SamModel.from_pretrained(sam, dtype=torch_dtype)
         self.sam.to(device).eval().requires_grad_(False)
         self.box_threshold, self.text_threshold = box_threshold, text_threshold

@@ -18,6 +18,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
+from t2i_align.diffusion.loading import resolve_pretrained
 from t2i_align.diffusion.tokens import phrase_pattern
 
 LABELS = ("certain", "may", "unlikely")
@@ -99,6 +100,7 @@ class CausalLMJudge:
                  max_new_tokens: int = 16, device: str = "cpu", dtype: str = "float32") -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        pretrained = resolve_pretrained(pretrained, "language model")
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
         self.model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=getattr(torch, dtype))
         self.model.to(device).eval().requires_grad_(False)

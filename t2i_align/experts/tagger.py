@@ -9,6 +9,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from t2i_align.diffusion.loading import resolve_pretrained
 from t2i_align.experts.base import check_images, expert_pixels
 
 
@@ -35,6 +36,7 @@ class CaptionNounTagger:
 
         from t2i_align.diffusion.tokens import load_spacy
 
+        captioner = resolve_pretrained(captioner, "tagger's captioner")
         self.model = BlipForConditionalGeneration.from_pretrained(captioner, dtype=torch.float32)
         self.model.to(device).eval().requires_grad_(False)
         self.processor = BlipProcessor.from_pretrained(captioner)

@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from t2i_align.diffusion.loading import resolve_pretrained
+
 Embedder = Callable[[Sequence[str]], torch.Tensor]  # texts -> N x D (normalised rows)
 
 
@@ -19,6 +21,7 @@ class SentenceEmbedder:
     def __init__(self, pretrained: str = "sentence-transformers/all-mpnet-base-v2", device: str = "cpu") -> None:
         from transformers import AutoModel, AutoTokenizer
 
+        pretrained = resolve_pretrained(pretrained, "text embedding model")
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
         self.model = AutoModel.from_pretrained(pretrained, dtype=torch.float32).to(device).eval().requires_grad_(False)
 

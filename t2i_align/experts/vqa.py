@@ -12,6 +12,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
+from t2i_align.diffusion.loading import resolve_pretrained
 from t2i_align.experts.base import check_images, expert_pixels
 
 
@@ -35,6 +36,7 @@ class BlipVQA:
                  max_new_tokens: int = 10) -> None:
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
+        pretrained = resolve_pretrained(pretrained, "VQA model")
         self.processor = BlipProcessor.from_pretrained(pretrained)
         self.model = BlipForQuestionAnswering.from_pretrained(pretrained, dtype=getattr(torch, dtype))
         self.model.to(device).eval().requires_grad_(False)

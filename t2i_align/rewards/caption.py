@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from t2i_align.diffusion.loading import resolve_pretrained
 from t2i_align.experts.base import expert_pixels
 from t2i_align.rewards.base import Reward
 from t2i_align.rewards.clip import _projected
@@ -55,9 +56,11 @@ class CaptionReward(Reward):
         self.surrogate = surrogate
         from transformers import BlipForConditionalGeneration, BlipProcessor, CLIPModel, CLIPTokenizer
 
+        captioner = resolve_pretrained(captioner, "captioner")
         self.captioner = BlipForConditionalGeneration.from_pretrained(captioner, dtype=torch.float32)
         self.captioner.eval().requires_grad_(False)
         self.processor = BlipProcessor.from_pretrained(captioner)
+        text_encoder = resolve_pretrained(text_encoder, "CLIP text encoder")
         clip = CLIPModel.from_pretrained(text_encoder, dtype=torch.float32)
         # only the text tower is kept
         self.text_model, self.text_projection = clip.text_model.eval(), clip.text_projection.eval()

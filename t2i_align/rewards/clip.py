@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from t2i_align.diffusion.loading import resolve_pretrained
 from t2i_align.experts.base import expert_pixels
 from t2i_align.rewards.base import Reward
 
@@ -28,6 +29,7 @@ class CLIPReward(Reward):
         super().__init__()
         from transformers import CLIPModel, CLIPProcessor
 
+        pretrained = resolve_pretrained(pretrained, "CLIP model")
         self.model = CLIPModel.from_pretrained(pretrained, dtype=torch.float32).eval().requires_grad_(False)
         processor = CLIPProcessor.from_pretrained(pretrained)
         self.tokenizer = processor.tokenizer

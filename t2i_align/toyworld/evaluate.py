@@ -13,7 +13,7 @@ import torch
 
 from t2i_align.common import image_grid
 from t2i_align.diffusion.generator import Generator, GeneratorConfig
-from t2i_align.diffusion.lora import LORA_WEIGHT_NAME
+from t2i_align.diffusion.lora import load_lora
 from t2i_align.io import atomic_path
 from t2i_align.toyworld.evaluation import load_items, metric_keys, score_items, summarise
 from t2i_align.toyworld.judge import ToyJudge
@@ -25,9 +25,10 @@ def evaluate_pipeline(pipeline: str, prompts_dir: str, lora: str | None = None, 
                       guidance_scale: float = 5.0, scheduler: str = "ddim", batch_size: int = 32, seed: int = 0,
                       grid_images: int = 32, device: str = "cpu") -> tuple[dict, object]:
     """Returns (report, grid image). The report holds the metrics, the sampler settings and the inputs."""
-    generator = Generator(GeneratorConfig(pretrained=pipeline, lora=None)).to(device).eval()
+    generator = Generator(GeneratorConfig(pretrained=pipeline, lora=None))
     if lora:
-        generator.unet.load_lora_adapter(lora, weight_name=LORA_WEIGHT_NAME, prefix="unet")
+        load_lora(generator.unet, lora)  # every weight of the export arrives, or this raises
+    generator = generator.to(device).eval()
     categories = list(categories or EVAL_CATEGORIES)
     items = load_items(prompts_dir, categories, per_category, images_per_prompt, seed)
     keys = metric_keys(categories)

@@ -158,3 +158,16 @@ def test_an_export_resumes_only_with_the_checkpoint_it_was_started_with(tiny_sd,
     info = json.loads((out / "export.json").read_text())
     assert info["complete"] and info["files_written"] == 1 and info["files_skipped_as_existing"] == 1
     assert info["recipe"]["checkpoint"]["path"] == str(moved) and info["recipe"]["checkpoint"]["sha256"] == sha256(ckpt)
+
+
+def test_a_prompt_too_long_for_a_file_name_is_refused_before_anything_is_rendered(tiny_sd, tmp_path):
+    from t2i_align.common import ConfigError
+
+    prompts = tmp_path / "color_val.txt"
+    long_prompt = "a red car next to " + "a very long green bench " * 10  # ~260 bytes: fine for CLIP, not for ext4
+    prompts.write_text(f"a blue bowl\n{long_prompt.strip()}\n")
+    out = tmp_path / "compbench"
+    with pytest.raises(ConfigError, match=r"prompt color_val:1 gives the file name 'a red car next to a very long [^']*\.\.\.' "
+                                          r"\(\d+ bytes\), longer than file systems take"):
+        predict(tiny_sd, prompts, "t2i_compbench", out)
+    assert not out.exists() or not any(out.rglob("*.png"))  # refused up front, not midway
