@@ -6,10 +6,14 @@ experiment); any key can be overridden on the command line (``--model.init_args.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,10 +25,11 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar, Timer, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from t2i_align.callbacks.checkpoint import SaveOnSigterm
 from t2i_align.common import ConfigError, UserError
-from t2i_align.io import clean_stale_temporaries, load_checkpoint_file
+from t2i_align.io import atomic_path, clean_stale_temporaries, load_checkpoint_file
 from t2i_align.lightning_modules.base import AlignmentModule
 from t2i_align.runs import (
     CONFIG_KEY,
@@ -321,16 +326,69 @@ def user_error(exception: BaseException) -> BaseException | None:
     return None
 
 
+#: Folder where the ranks of one command leave their error line for rank 0 (set by the first process; the ranks that
+#: Lightning launches on this machine inherit it).
+ERROR_DIR_ENV = "T2I_ALIGN_ERROR_DIR"
+#: How long rank 0 waits for another rank's error line after a failure of its own that is not the user's.
+PEER_ERROR_WAIT_S = 10.0
+
+
+def failure_line(exception: BaseException) -> str:
+    cause = user_error(exception)
+    if cause is not None:
+        return str(cause)
+    return f"{type(exception).__name__}: {str(exception).strip().splitlines()[0] if str(exception).strip() else ''}"
+
+
+def report_to_rank_zero(rank: int, line: str) -> None:
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if folder and os.path.isdir(folder):
+        with atomic_path(Path(folder) / f"rank{rank}.txt") as tmp:
+            tmp.write_text(line)
+
+
+def peer_failure(own_rank: int) -> str | None:
+    """The first error line another rank reported (waiting up to PEER_ERROR_WAIT_S for it), or None."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if not folder or not os.path.isdir(folder):
+        return None
+    deadline = time.monotonic() + PEER_ERROR_WAIT_S
+    while True:
+        reports = sorted(Path(folder).glob("rank*.txt"), key=lambda f: int(f.stem[4:]))
+        reports = [f for f in reports if f.stem != f"rank{own_rank}"]
+        if reports:
+            return f"{reports[0].stem.replace('rank', 'rank ')} failed: {reports[0].read_text().strip()}"
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
+
+
 def main(args: list[str] | None = None) -> None:
     """The command. Errors in what the user gave (config values, files, folders, checkpoints, environment) print one
     line ``t2i-align: error: ...`` and exit 1; other errors are bugs and keep their traceback. From Python
-    (``args`` given) or with T2I_ALIGN_DEBUG=1, every exception propagates unchanged."""
+    (``args`` given) or with T2I_ALIGN_DEBUG=1, every exception propagates unchanged.
+
+    Under DDP the rank that failed first tells the others (``T2I_ALIGN_ERROR_DIR``): when rank 0 then fails on a
+    closed connection, its last line is that rank's error, not its own traceback."""
     quiet_known_noise()
+    if args is None and ERROR_DIR_ENV not in os.environ:
+        os.environ[ERROR_DIR_ENV] = folder = tempfile.mkdtemp(prefix="t2i-align-errors-")
+        atexit.register(shutil.rmtree, folder, True)
     try:
         T2ICLI(args=args)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is the user's to fix
+        if args is not None or debug_mode():
+            raise
+        rank = rank_zero_only.rank or 0
+        if rank != 0:
+            report_to_rank_zero(rank, failure_line(e))
         cause = user_error(e)
-        if cause is None or args is not None or debug_mode():
+        if cause is None and rank == 0:
+            peer = peer_failure(rank)
+            if peer is not None:  # rank 0's own failure is the consequence: one line, then the cause
+                print(f"t2i-align: rank 0 stopped too ({failure_line(e)[:200]})", file=sys.stderr)
+                sys.exit(f"t2i-align: error: {peer}")
+        if cause is None:
             raise
         sys.exit(f"t2i-align: error: {cause}")
 

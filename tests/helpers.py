@@ -268,3 +268,16 @@ class SigtermAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class FailOnRank(L.Callback):
+    """Raises, on rank ``rank`` only, at the start of step ``step``: the error a bad input file gives there."""
+
+    def __init__(self, rank: int, step: int, message: str = "pairs.jsonl:3: image 'cat.png' cannot be read") -> None:
+        self.rank, self.step, self.message = rank, step, message
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            from t2i_align.datamodules.pairs import PairFileError
+
+            raise PairFileError(self.message)

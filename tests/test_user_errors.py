@@ -4,6 +4,8 @@ prompts, a fit that never ends."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -165,3 +167,18 @@ def test_experts_say_a_mistyped_folder_is_missing_before_any_loader_runs(tmp_pat
     with pytest.raises(ModelLoadError) as raised:
         build(str(missing))
     assert str(raised.value) == f"{what} '{missing}': no such folder"
+
+
+@pytest.mark.ddp
+def test_under_ddp_the_failing_ranks_error_is_the_last_line(fit, tmp_path):
+    failing = "{class_path: tests.helpers.FailOnRank, init_args: {rank: 1, step: 1}}"
+    args = fit("--trainer.max_steps=4", "--trainer.strategy=ddp", "--trainer.devices=2", f"--trainer.callbacks+={failing}")
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("T2I_ALIGN_ERROR_DIR", None)
+    done = subprocess.run([sys.executable, "-m", "t2i_align.cli", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == "t2i-align: error: rank 1 failed: pairs.jsonl:3: image 'cat.png' cannot be read", done.stderr[-3000:]
+    assert lines[-2].startswith("t2i-align: rank 0 stopped too (")  # its own failure in one line, no traceback
+    assert "Traceback" not in done.stderr
