@@ -239,3 +239,46 @@ def save_png(image, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return path
+
+
+class CheckpointMismatchError(CheckpointError, RuntimeError):
+    """A readable checkpoint whose trained tensors do not fit the configured model (another LoRA rank, target
+    modules, LoRA vs full fine-tuning)."""
+
+
+def _lora_ranks(shapes: dict[str, torch.Size]) -> list[int]:
+    return sorted({shape[0] for key, shape in shapes.items() if "lora_A" in key})
+
+
+def check_trainable_state(state: dict[str, torch.Tensor], module: Any, path: str | None = None) -> None:
+    """Raise one sentence naming the checkpoint when its trainable state does not fit ``module`` (other LoRA
+    rank or target modules, LoRA vs full fine-tuning) instead of PyTorch's line per mismatched tensor. ``module``
+    is an ``AlignmentModule`` (its ``trainable_keys()`` name what a checkpoint holds)."""
+    where = f"checkpoint {path}" if path else "the checkpoint"
+    keys = module.trainable_keys()
+    params = {k: p for k, p in module.named_parameters() if k in keys}
+    expected, found = set(params), set(state)
+    if expected != found:
+        lora_here, lora_there = any("lora_" in k for k in expected), any("lora_" in k for k in found)
+        if lora_here != lora_there:
+            trained = "LoRA" if lora_there else "full UNet fine-tuning"
+            here = "LoRA" if lora_here else "full UNet fine-tuning"
+            raise CheckpointMismatchError(f"{where} was trained with {trained}; this model is set up for {here} "
+                               "(model.init_args.generator.lora)")
+        missing, unexpected = sorted(expected - found), sorted(found - expected)
+        raise CheckpointMismatchError(
+            f"{where} does not fit this model: {len(missing)} trainable tensors missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); was it trained with other LoRA target_modules "
+            "or another method?"
+        )
+    differing = [k for k in sorted(expected) if tuple(state[k].shape) != tuple(params[k].shape)]
+    if differing:
+        ranks_there = _lora_ranks({k: state[k].shape for k in differing})
+        ranks_here = _lora_ranks({k: params[k].shape for k in differing})
+        if ranks_there and ranks_here:
+            show = lambda r: str(r[0]) if len(r) == 1 else str(r)  # noqa: E731
+            raise CheckpointMismatchError(f"{where} was trained with LoRA rank {show(ranks_there)}; this model has rank "
+                               f"{show(ranks_here)} (model.init_args.generator.lora.rank)")
+        k = differing[0]
+        raise CheckpointMismatchError(f"{where} does not fit this model: {len(differing)} tensors differ in shape, e.g. {k} is "
+                           f"{tuple(state[k].shape)} there and {tuple(params[k].shape)} here")

@@ -43,7 +43,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
-from t2i_align.io import CheckpointError, load_checkpoint_file
+from t2i_align.io import CheckpointError, check_trainable_state, load_checkpoint_file
 
 #: ``--ckpt_path`` values resolved here: ``last`` must find a checkpoint; ``last_or_new`` starts a new run
 #: when there is none (set-and-forget launch scripts, e.g. SLURM requeue).
@@ -113,9 +113,7 @@ def _check_explicit(path: str, config: dict[str, Any], model: Any) -> list[str]:
     """The keys of ``config`` that a checkpoint given by path to ``fit`` records otherwise, after refusing one
     whose trained weights do not fit ``model`` (that sentence says more than the differing keys)."""
     checkpoint = _read_checkpoint(path)
-    if model is not None:  # imported here: the modules' package imports this module
-        from t2i_align.lightning_modules.base import check_trainable_state
-
+    if model is not None:
         check_trainable_state(checkpoint["state_dict"], model, path)
     recorded = checkpoint.get(CONFIG_KEY)
     return [] if recorded is None else record_differences(recorded, config)

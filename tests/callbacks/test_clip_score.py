@@ -31,8 +31,32 @@ def test_local_clip_folder_gives_the_reference_value(tmp_path):
     txt = getattr(txt, "pooler_output", txt)
     cos = torch.nn.functional.cosine_similarity(img, txt)
     expected = (100 * cos.clamp(min=0)).mean()
-    assert (cos < 0).any() and (cos > 0).any()  # the per-sample clamp matters for this batch
     assert abs(float(metric.compute()) - float(expected)) < 1e-3
+
+
+class FixedFeatures(torch.nn.Module):
+    """CLIP features chosen by hand: image i is e0; text i is e0 or -e0, so cos is +1 or -1 per sample."""
+
+    def __init__(self, signs: list[float], config) -> None:
+        super().__init__()
+        self.signs, self.config = torch.tensor(signs), config
+
+    def get_image_features(self, pixel_values):
+        return torch.nn.functional.one_hot(torch.zeros(len(pixel_values), dtype=torch.long), 2).float()
+
+    def get_text_features(self, input_ids, attention_mask=None):
+        return self.signs[: len(input_ids), None] * torch.tensor([[1.0, 0.0]])
+
+
+def test_the_clamp_at_zero_is_per_sample(tmp_path):
+    # Hessel et al. clamp each sample's cosine at 0; torchmetrics clamps the batch mean. With cos = (+1, -1) the
+    # CLIP score is (100 + 0) / 2 = 50, where the clamp of the mean would give max((100 - 100) / 2, 0) = 0.
+    folder = tmp_path / "my-clip"
+    save_tiny_clip(folder)
+    metric = build_clip_score(str(folder))
+    metric.model = FixedFeatures([1.0, -1.0], metric.model.config)
+    clip_score_update(metric, torch.rand(2, 3, 64, 64), ["a red circle", "a blue square"])
+    assert float(metric.compute()) == 50.0
 
 
 def test_backbone_names():

@@ -73,7 +73,7 @@ def test_duplicate_source_names_and_bad_limit(tmp_path: Path) -> None:
         load_prompt_sources([PromptSource(a), PromptSource(str(other))])
     prompts, _ = load_prompt_sources([PromptSource(a), PromptSource(str(other), name="a2")])
     assert {p.source for p in prompts} == {"a", "a2"}
-    with pytest.raises(ValueError, match="limit must be >= 1"):
+    with pytest.raises(ValueError, match="limit must be a whole number >= 1"):
         load_prompt_sources([PromptSource(a, limit=0)])
     with pytest.raises(ValueError, match="no prompt sources"):
         load_prompt_sources([])
