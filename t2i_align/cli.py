@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,7 @@ class T2ICLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         parser_kwargs = kwargs.pop("parser_kwargs", {}) or {}
         parser_kwargs.setdefault("description", DESCRIPTION)
+        parser_kwargs.setdefault("prog", "t2i-align")  # also under `python -m t2i_align.cli`
         trainer_defaults = {"plugins": {"class_path": "t2i_align.io.AtomicCheckpointIO"}}
         trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
         super().__init__(
@@ -208,6 +210,17 @@ class T2ICLI(LightningCLI):
             parser_kwargs=parser_kwargs,
             **kwargs,
         )
+
+    def instantiate_classes(self) -> None:
+        # The configured classes check their arguments in their constructors (ValueError naming the argument): a
+        # ValueError raised there is a mistake in the config, shown in one line, not a bug.
+        try:
+            super().instantiate_classes()
+        except Exception as e:  # noqa: BLE001 - re-raised as it is unless a constructor refused a value
+            refused = constructor_refusal(e)
+            if refused is None or user_error(e) is not None:
+                raise
+            raise ConfigError(str(refused)) from e
 
     def parse_arguments(self, parser, args) -> None:
         check_config_files(sys.argv[1:] if args is None else args)
@@ -311,20 +324,31 @@ def check_config_files(args) -> None:
                             f"({choosers[-1][0]}); stack it with configs/method/ of its own method")
 
 
-def user_error(exception: BaseException) -> BaseException | None:
-    """The user-facing cause of a failure, if any: a :class:`UserError` anywhere in the exception's chain (jsonargparse
-    wraps errors raised while building the configured classes), or Lightning's misconfiguration errors."""
-    seen: set[int] = set()
-    pending = [exception]
+def _chain(exception: BaseException) -> list[BaseException]:
+    seen, pending, out = set(), [exception], []
     while pending:
         e = pending.pop(0)
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (UserError, MisconfigurationException)):
-            return e
+        out.append(e)
         pending += [e.__cause__, e.__context__]
+    return out
+
+
+def constructor_refusal(exception: BaseException) -> ValueError | None:
+    """The ValueError a configured class raised while jsonargparse built it (jsonargparse wraps it in its own)."""
+    for e in _chain(exception):
+        frames = traceback.extract_tb(e.__traceback__)
+        if isinstance(e, ValueError) and frames and "jsonargparse" not in frames[-1].filename:
+            return e
     return None
+
+
+def user_error(exception: BaseException) -> BaseException | None:
+    """The user-facing cause of a failure, if any: a :class:`UserError` anywhere in the exception's chain (jsonargparse
+    wraps errors raised while building the configured classes), or Lightning's misconfiguration errors."""
+    return next((e for e in _chain(exception) if isinstance(e, (UserError, MisconfigurationException))), None)
 
 
 #: Folder where the ranks of one command leave their error line for rank 0 (set by the first process; the ranks that

@@ -71,6 +71,7 @@ def test_a_yaml_error_names_the_file_and_line(fit, tmp_path, monkeypatch, capsys
     (["--data.init_args.train_pairs.limit=-1"], "limit must be a whole number >= 1"),
     (["--data.init_args.train_pairs.limit=0"], "limit must be a whole number >= 1"),
     (["--trainer.max_steps=-1", "--trainer.max_epochs=1"], "trainer.max_steps is not set"),
+    (["--data.init_args.batch_size=0"], "batch sizes must be >= 1, got batch_size=0"),  # a constructor's ValueError
 ])
 def test_errors_while_building_the_run_are_one_line(fit, monkeypatch, capsys, extra, expected):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
