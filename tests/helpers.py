@@ -260,13 +260,18 @@ class FixedTagger:
 
 
 class SigtermAt(L.Callback):
-    """Sends this process SIGTERM at the end of training step ``step`` (what a scheduler's time limit does)."""
+    """Sends this process SIGTERM at the end of training step ``step`` (what a scheduler's time limit does), or
+    during the first validation batch after that step (``in_validation``)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, in_validation: bool = False) -> None:
+        self.step, self.in_validation = step, in_validation
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and not self.in_validation:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.global_step == self.step and self.in_validation and batch_idx == 0 and not trainer.sanity_checking:
             os.kill(os.getpid(), signal.SIGTERM)
 
 

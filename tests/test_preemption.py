@@ -20,7 +20,8 @@ from tests.helpers import REPO_ROOT, tiny_fit_args
 CONFIGS = Path(REPO_ROOT) / "configs"
 
 
-def sigterm_args(tiny_sd, tiny_pairs, root: Path, max_steps: int, sigterm_at: int | None) -> list[str]:
+def sigterm_args(tiny_sd, tiny_pairs, root: Path, max_steps: int, sigterm_at: int | None,
+                 in_validation: bool = False) -> list[str]:
     """A tiny CSV-logged Finetune fit that checkpoints every 10 steps (so only SIGTERM saves the early steps),
     records its steps, and receives SIGTERM at the end of step ``sigterm_at``."""
     callbacks = [
@@ -28,17 +29,19 @@ def sigterm_args(tiny_sd, tiny_pairs, root: Path, max_steps: int, sigterm_at: in
         {"class_path": "tests.helpers.RecordSteps", "init_args": {"out_dir": str(root / "record")}},
     ]
     if sigterm_at is not None:
-        callbacks.append({"class_path": "tests.helpers.SigtermAt", "init_args": {"step": sigterm_at}})
+        callbacks.append({"class_path": "tests.helpers.SigtermAt",
+                          "init_args": {"step": sigterm_at, "in_validation": in_validation}})
     root.mkdir(parents=True, exist_ok=True)
     (root / "trainer.yaml").write_text(yaml.safe_dump({"trainer": {
-        "enable_progress_bar": False, "val_check_interval": 100, "callbacks": callbacks}}))
+        "enable_progress_bar": False, "val_check_interval": 3, "num_sanity_val_steps": 0, "callbacks": callbacks}}))
     return [*tiny_fit_args(tiny_sd, tiny_pairs, root, max_steps, root / "trainer.yaml"),
             "--config", str(CONFIGS / "logger/csv.yaml"), f"--trainer.logger.init_args.save_dir={root}"]
 
 
-def test_sigterm_saves_the_finished_step_exits_143_and_resumes_there(tiny_sd, tiny_pairs, tmp_path):
+@pytest.mark.parametrize("in_validation", [False, True], ids=["after a step", "during validation"])
+def test_sigterm_saves_the_finished_step_exits_143_and_resumes_there(tiny_sd, tiny_pairs, tmp_path, in_validation):
     with pytest.raises(SystemExit) as stopped:
-        cli_main(sigterm_args(tiny_sd, tiny_pairs, tmp_path, max_steps=6, sigterm_at=3))
+        cli_main(sigterm_args(tiny_sd, tiny_pairs, tmp_path, max_steps=6, sigterm_at=3, in_validation=in_validation))
     assert stopped.value.code == SIGTERM_EXIT_CODE
     [saved] = tmp_path.rglob("*.ckpt")
     assert saved.name == "sigterm-step=3.ckpt" and saved.parent.name == "checkpoints"

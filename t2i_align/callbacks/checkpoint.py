@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from t2i_align.runs import run_dir
@@ -49,12 +50,16 @@ class SaveOnSigterm(Callback):
         self.saved: Path | None = None
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or not trainer.training:
+        if not isinstance(exception, SIGTERMException):
             return
+        exception.code = SIGTERM_EXIT_CODE
+        if trainer.state.fn != TrainerFn.FITTING:  # validate / predict: an export resumes by skipping finished files
+            rank_zero_info(f"SIGTERM: stopped during {trainer.state.fn}; run the same command again to finish")
+            return
+        # also when the signal came during validation: the weights are those of the last finished step
         periodic = trainer.checkpoint_callback  # next to the run's periodic checkpoints, where `last` looks
         folder = Path(periodic.dirpath) if periodic is not None and periodic.dirpath else run_dir(trainer) / "checkpoints"
         self.saved = folder / f"sigterm-step={trainer.global_step}.ckpt"
         trainer.save_checkpoint(self.saved)  # collective: every rank calls it, rank 0 writes (atomically)
-        exception.code = SIGTERM_EXIT_CODE
         rank_zero_info(f"SIGTERM: saved {self.saved} at step {trainer.global_step}; resume with the same command and "
                        "--ckpt_path last")
