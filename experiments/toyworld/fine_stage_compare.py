@@ -39,7 +39,7 @@ from compare_methods import (  # noqa: E402  (the sibling script: same passes, s
 from t2i_align.io import atomic_path  # noqa: E402
 
 FINE = ["configs/method/fine_stage.yaml", "configs/experiment/toyworld.yaml", "configs/experiment/toyworld_fine_stage.yaml"]
-FULL_UNET = "configs/experiment/toyworld_finetune_full.yaml"  # generator.lora: null, for a whole-UNet checkpoint
+FULL_UNET = "configs/model/full_unet.yaml"  # generator.lora: null, for a whole-UNet checkpoint
 
 
 def coarse_candidate(results_path: Path) -> dict:
