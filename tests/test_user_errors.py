@@ -72,6 +72,8 @@ def test_a_yaml_error_names_the_file_and_line(fit, tmp_path, monkeypatch, capsys
     (["--data.init_args.train_pairs.limit=0"], "limit must be a whole number >= 1"),
     (["--trainer.max_steps=-1", "--trainer.max_epochs=1"], "trainer.max_steps is not set"),
     (["--data.init_args.batch_size=0"], "batch sizes must be >= 1, got batch_size=0"),  # a constructor's ValueError
+    (["--data.init_args.num_workers=-1"], "num_workers must be >= 0"),
+    (["--data.init_args.resolution=33"], "resolution=33 is not a multiple of the VAE's downsampling factor"),
 ])
 def test_errors_while_building_the_run_are_one_line(fit, monkeypatch, capsys, extra, expected):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -115,6 +115,8 @@ class T2IDataModule(L.LightningDataModule):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size=} {val_batch_size=}")
         if val_limit is not None and val_limit < 1:
             raise ValueError(f"val_limit must be >= 1, got {val_limit}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 loads in the main process), got {num_workers}")
         self.train_prompts = _as_prompt_sources(train_prompts)
         self.train_pairs = _as_pair_source(train_pairs)
         self.val_prompts = _as_prompt_sources(val_prompts)

@@ -163,7 +163,7 @@ class Generator(nn.Module):
         factor = self.vae_scale_factor
         if size % factor:
             low, high = size // factor * factor, (size // factor + 1) * factor
-            raise ValueError(f"{key}={size} is not a multiple of the VAE's downsampling factor {factor} "
+            raise ConfigError(f"{key}={size} is not a multiple of the VAE's downsampling factor {factor} "
                              f"({self.config.pretrained}); use {low or high} or {high}")
 
     @property
