@@ -34,9 +34,10 @@ from t2i_align.io import atomic_path, clean_stale_temporaries, load_checkpoint_f
 from t2i_align.lightning_modules.base import AlignmentModule
 from t2i_align.runs import (
     CONFIG_KEY,
-    config_differences,
     is_checkpoint_file_path,
+    key_list,
     output_roots,
+    record_differences,
     remove_unused_run_dir,
     resolve_ckpt_path,
 )
@@ -120,13 +121,10 @@ def check_folder_is_this_runs(config_file: str, config: dict[str, Any]) -> None:
         return
     with open(config_file) as f:
         recorded = yaml.safe_load(f) or {}
-    recorded = recorded.get("fit", recorded)  # the file holds the subcommand's config
-    differing = [k for section in ("model", "data")
-                 for k in config_differences(recorded.get(section), config.get(section), section)]
+    differing = record_differences(recorded, config_record(config))
     if differing:
         raise ConfigError(
-            f"{config_file} belongs to another run ({', '.join(differing[:4])}{' ...' if len(differing) > 4 else ''} "
-            "differ), and without a logger both runs would write their config, checkpoints and export into "
+            f"{config_file} belongs to another run ({key_list(differing)} differ), and without a logger both runs would write their config, checkpoints and export into "
             f"{os.path.dirname(config_file)}: give this run its own trainer.default_root_dir or add a logger"
         )
 
@@ -408,7 +406,8 @@ def main(args: list[str] | None = None) -> None:
         if rank != 0:
             report_to_rank_zero(rank, failure_line(e))
         cause = user_error(e)
-        if cause is None and rank == 0:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()  # until exit
+        if cause is None and rank == 0 and distributed:
             peer = peer_failure(rank)
             if peer is not None:  # rank 0's own failure is the consequence: one line, then the cause
                 print(f"t2i-align: rank 0 stopped too ({failure_line(e)[:200]})", file=sys.stderr)

@@ -124,7 +124,8 @@ def record_differences(recorded: dict[str, Any], config: dict[str, Any]) -> list
     return [k for section in config for k in config_differences(recorded.get(section), config[section], section)]
 
 
-def _keys(differences: list[str], shown: int = 4) -> str:
+def key_list(differences: list[str], shown: int = 4) -> str:
+    """``a, b, c, d ...``: the first ``shown`` differing keys for a one-line message."""
     return ", ".join(differences[:shown]) + (" ..." if len(differences) > shown else "")
 
 
@@ -150,7 +151,7 @@ def find_resume_checkpoint(trainer: L.Trainer, config: dict[str, Any]) -> tuple[
             if not differences:
                 matches.append((path, recorded))
                 continue
-            why = f"is of another configuration ({_keys(differences)} differ)"
+            why = f"is of another configuration ({key_list(differences)} differ)"
         if not matches:
             passed_over.append((path, why))
     return matches, passed_over
@@ -177,7 +178,7 @@ def resolve_ckpt_path(value: str | None, trainer: L.Trainer, config: dict[str, A
         differences = _check_explicit(value, config, model)
         if differences:
             raise CheckpointError(
-                f"{value} was trained with other settings ({_keys(differences, 6)} differ from this run's): resuming "
+                f"{value} was trained with other settings ({key_list(differences, 6)} differ from this run's): resuming "
                 "it would carry on its saved optimizer and data state while this run's records claim the new settings. "
                 "Resume it with the config it records (the config.yaml of its run), or fork it on purpose with "
                 f"--ckpt_path {FORK_PREFIX}{value} (continues from its step with this run's settings)."
@@ -194,7 +195,7 @@ def _fork(path: str, config: dict[str, Any], subcommand: str, model: Any) -> str
         raise CheckpointError(f"--ckpt_path {FORK_PREFIX}{path}: a fork continues the checkpoint's data stream, its "
                               "data.init_args.seed included; keep that seed, or start a new run (no --ckpt_path) "
                               "for another order")
-    settings = f"{_keys(differences, 6)} differ from its own" if differences else "the same as its own"
+    settings = f"{key_list(differences, 6)} differ from its own" if differences else "the same as its own"
     L.pytorch.utilities.rank_zero_info(f"Forking {path}: continuing from its step with this run's settings ({settings})")
     return path
 
@@ -249,7 +250,7 @@ def _same_run(a: dict | None, b: dict | None) -> bool:
 def _run_difference(recorded: dict | None, newest: dict | None) -> str:
     if recorded is None or newest is None:
         return "records no config" if recorded is None else "the newest records no config"
-    return f"{_keys(config_differences(recorded, newest))} differ"
+    return f"{key_list(config_differences(recorded, newest))} differ"
 
 
 def checkpoint_identity(path: str | os.PathLike | None) -> dict[str, Any] | str:
@@ -309,6 +310,7 @@ __all__ = [
     "config_differences",
     "find_resume_checkpoint",
     "is_checkpoint_file_path",
+    "key_list",
     "output_roots",
     "record_differences",
     "recorded_config",
