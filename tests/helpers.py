@@ -146,7 +146,7 @@ def save_tiny_clip(folder, seed: int = 0) -> str:
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     from t2i_align.diffusion.tiny import TINY_TOKENIZER_DIR
-    from t2i_align.toyworld.clip_model import image_processor
+    from t2i_align.toyworld.experts.clip_model import image_processor
 
     tokenizer = CLIPTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
     torch.manual_seed(seed)
@@ -168,7 +168,7 @@ def save_tiny_captioner(folder, seed: int = 0) -> str:
     """A tiny random ToyWorld-vocabulary BLIP captioner saved like a real checkpoint folder."""
     from transformers import BlipProcessor
 
-    from t2i_align.toyworld import captioner as cap
+    from t2i_align.toyworld.experts import captioner as cap
 
     tokenizer = cap.build_captioner_tokenizer(Path(folder) / "tokenizer")
     model = cap.build_captioner(seed, vision_hidden=32, text_hidden=32, layers=2, heads=2).eval()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from t2i_align.annotate_masks import annotate, caption_nouns, main
+from t2i_align.commands.annotate_masks import annotate, caption_nouns, main
 from t2i_align.datamodules.pairs import PairDataset, PairSource
 from t2i_align.diffusion.tokens import load_spacy
 from tests.helpers import HalfSegmenter
@@ -104,7 +104,7 @@ def test_resume_and_rank_split(tmp_path, tiny_pairs, nlp, monkeypatch):
 
 
 def test_toyworld_masks_match_the_renders(tmp_path, capsys):
-    from t2i_align.toyworld.judge import held_out_scenes
+    from t2i_align.toyworld.experts.judge import held_out_scenes
     from t2i_align.toyworld.world import render
 
     rows, truth = [], []

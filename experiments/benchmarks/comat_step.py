@@ -59,7 +59,7 @@ def save_captioner(folder: Path, size: str) -> str:
     """A random BLIP captioning model + ``BlipProcessor`` folder: BLIP-large's sizes (``sd15``) or tiny."""
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
-    from t2i_align.toyworld import captioner as cap
+    from t2i_align.toyworld.experts import captioner as cap
 
     tokenizer = cap.build_captioner_tokenizer(folder / "tokenizer")
     processor = cap.image_processor()

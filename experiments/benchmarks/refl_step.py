@@ -32,7 +32,7 @@ def save_reward_clip(folder: Path, size: str) -> str:
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     from t2i_align.diffusion.assets import TINY_TOKENIZER_DIR
-    from t2i_align.toyworld.clip_model import image_processor
+    from t2i_align.toyworld.experts.clip_model import image_processor
 
     tokenizer = CLIPTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
     if size == "sd15":  # ViT-L/14 at 224 px

@@ -3,7 +3,7 @@
 latents (ML), each from the committed base at the same budget, its stopping step chosen on the validation prompts,
 and compared with the base on the evaluation prompts (how: ``val_stopping.py``)::
 
-    python -m t2i_align.toyworld.build .cache/toyworld --natural 2000 --natural-val 512
+    python -m t2i_align.commands.toyworld_build .cache/toyworld --natural 2000 --natural-val 512
     python experiments/toyworld/comat_ablation.py --out experiments/results/toyworld_comat_ablation
 """
 

@@ -1,6 +1,6 @@
 """Compare alignment methods on ToyWorld at the same budget and write a results table.
 
-    python -m t2i_align.toyworld.build .cache/toyworld --natural 2000 --natural-val 512
+    python -m t2i_align.commands.toyworld_build .cache/toyworld --natural 2000 --natural-val 512
     python experiments/toyworld/compare_methods.py --out experiments/results/toyworld_methods
 
 1. Each method's experiment is trained with ``t2i-align fit`` on its ``--config`` stack (method config,

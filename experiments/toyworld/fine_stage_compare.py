@@ -2,7 +2,7 @@
 relations on top of the coarse stage): before (plain sampling, which is the fine stage's first pass) and after (its
 second pass) on the base and on the best coarse-stage model, the same evaluation prompts and seeds::
 
-    python -m t2i_align.toyworld.build .cache/toyworld --natural 2000 --natural-val 512
+    python -m t2i_align.commands.toyworld_build .cache/toyworld --natural 2000 --natural-val 512
     python experiments/toyworld/tokencompose_compare.py      # the trained candidates and their chosen checkpoints
     python experiments/toyworld/fine_stage_compare.py --out experiments/results/toyworld_fine_stage
 

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from t2i_align.toyworld.judge import (
+from t2i_align.toyworld.experts.judge import (
     ATTRIBUTES, GARBAGE, ToyJudge, degrade, garbage, held_out_scenes, match, score_renders,
 )
 from t2i_align.toyworld.world import render

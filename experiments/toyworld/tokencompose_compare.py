@@ -4,7 +4,7 @@ the natural pairs (TokenCompose with their rendered masks: exact, so an upper bo
 same pairs, seeds and budget; each stopping step is chosen on the validation prompts and the chosen checkpoints are
 compared with the base on the evaluation prompts (how: ``val_stopping.py``)::
 
-    python -m t2i_align.toyworld.build .cache/toyworld --natural 2000 --natural-val 512
+    python -m t2i_align.commands.toyworld_build .cache/toyworld --natural 2000 --natural-val 512
     python experiments/toyworld/tokencompose_compare.py --out experiments/results/toyworld_tokencompose
 """
 

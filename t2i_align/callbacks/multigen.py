@@ -6,7 +6,7 @@ found (k = 2..5), together with the mean share of categories found. Prompt files
 During training or validation: :class:`MultiGenEvaluation`. On images exported with ``t2i-align predict`` in the
 ``multigen`` layout (``<prompt index>_<k>.png``) or made elsewhere in that layout::
 
-    python -m t2i_align.callbacks.multigen EXPORT_DIR --prompt-file coco_obj_comp_5_1k.json \
+    python -m t2i_align.commands.multigen EXPORT_DIR --prompt-file coco_obj_comp_5_1k.json \
         [--images-per-prompt 10] [--detector CLASS_PATH] [--detector-args JSON] [--batch-size 16]
 
 prints the metrics and writes them, with every image's detections, to ``EXPORT_DIR/multigen_scores.json``.
@@ -14,7 +14,6 @@ prints the metrics and writes them, with every image's detections, to ``EXPORT_D
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +85,7 @@ class MultiGenEvaluation(GenerativeEvaluation):
     Args:
         prompt_file: MultiGen JSON (``coco_obj_comp_5_1k.json`` or ``ade20k_obj_comp_5_1k.json``).
         detector: ``class_path`` of a detector (:mod:`t2i_align.experts.detector`): default OWLv2; ToyWorld uses
-            ``t2i_align.toyworld.segmenter.ToyDetector``.
+            ``t2i_align.toyworld.experts.segmenter.ToyDetector``.
         limit: only the first N prompts.
     """
 
@@ -147,30 +146,3 @@ def score_folder(folder: str | Path, prompt_file: str | Path, detector: Detector
                     for (path, p), row in zip(batch, found)]
     return {"metrics": multigen_metrics(counts, max_k), "images": len(jobs), "prompt_file": str(prompt_file),
             "detector": type(detector).__name__, "per_image": records}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from t2i_align.io import atomic_path
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", type=Path)
-    p.add_argument("--prompt-file", required=True, type=Path)
-    p.add_argument("--images-per-prompt", type=int, default=10)
-    p.add_argument("--detector", default="t2i_align.experts.detector.OwlV2Detector")
-    p.add_argument("--detector-args", default="{}", help="the detector's keyword arguments as JSON")
-    p.add_argument("--batch-size", type=int, default=16)
-    a = p.parse_args(argv)
-    from t2i_align.common import build_from_class_path
-
-    try:
-        detector = build_from_class_path(a.detector, json.loads(a.detector_args), "--detector")
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--detector-args: invalid JSON ({e.msg})") from None
-    result = score_folder(a.folder, a.prompt_file, detector, a.images_per_prompt, a.batch_size)
-    with atomic_path(a.folder / "multigen_scores.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result["metrics"]))
-
-
-if __name__ == "__main__":
-    main()

@@ -115,7 +115,7 @@ class TIFAEvaluation(GenerativeEvaluation):
         questions: TIFA question-answer JSON (e.g. ``tifa_v1.0_question_answers.json``; ToyWorld's build
             writes ``prompts/eval_tifa.json``).
         vqa: the VQA model (``class_path``): default ``t2i_align.experts.vqa.BlipVQA``; ToyWorld uses
-            ``t2i_align.toyworld.vqa.ToyVQA``.
+            ``t2i_align.toyworld.experts.vqa.ToyVQA``.
         embedder: snaps free-form answers to choices (``t2i_align.experts.text_embedding.SentenceEmbedder``);
             None: answers that are not a choice score 0.
         limit: evaluate only the first N prompts of the file.

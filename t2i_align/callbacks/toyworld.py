@@ -13,8 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from t2i_align.callbacks.evaluation import EvalItem, GenerativeEvaluation
 from t2i_align.io import atomic_path
-from t2i_align.toyworld.evaluation import accumulate, judge_records, load_items, metric_keys, summarise
-from t2i_align.toyworld.judge import ToyJudge
+from t2i_align.toyworld.evaluation.scoring import accumulate, judge_records, load_items, metric_keys, summarise
+from t2i_align.toyworld.experts.judge import ToyJudge
 from t2i_align.toyworld.splits import EVAL_CATEGORIES
 
 
@@ -25,14 +25,14 @@ class ToyWorldEvaluation(GenerativeEvaluation):
     counts are all-reduced, so every rank logs the same numbers.
 
     Args:
-        prompts_dir: folder with ``<category>.txt`` files (``<build>/prompts/eval`` of ``toyworld.build``).
+        prompts_dir: folder with ``<category>.txt`` files (``<build>/prompts/eval`` of ``commands.toyworld_build``).
         categories: categories to evaluate (default all seven).
         per_category: first N prompts of each category (None: all).
         evaluate_before_fit: also evaluate the starting weights when training starts (logged at step 0);
             when fit ends, rank 0 prints the metrics before and after side by side and writes them to
             ``<default_root_dir>/toy_eval.json``.
         per_image: also write every image's result (item key, category, prompt, seed, metrics and each
-            clause's verdict: ``toyworld.metrics.clause_verdicts``), one JSON line per image in item order, to
+            clause's verdict: ``toyworld.evaluation.metrics.clause_verdicts``), one JSON line per image in item order, to
             ``<default_root_dir>/toy_eval/per_image_step_<N>.jsonl`` (rank 0, gathered from all ranks).
     """
 

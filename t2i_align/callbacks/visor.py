@@ -47,7 +47,7 @@ class VISORObjectAccuracy(GenerativeEvaluation):
 
     Args:
         detector: ``class_path`` of a detector (:mod:`t2i_align.experts.detector`): default OWLv2; ToyWorld uses
-            ``t2i_align.toyworld.segmenter.ToyDetector``.
+            ``t2i_align.toyworld.experts.segmenter.ToyDetector``.
     """
 
     name = "visor"

@@ -2,7 +2,7 @@
 
 A detector says, per image, which of its labels it finds: ``found(images, labels) -> list[list[bool]]`` with
 images ``B x 3 x H x W`` in [0, 1] and ``labels[i]`` the category names of image ``i``. ToyWorld answers with its
-judge (:class:`t2i_align.toyworld.segmenter.ToyDetector`).
+judge (:class:`t2i_align.toyworld.experts.segmenter.ToyDetector`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ also asks for each tag's local description, the prompt's words for it with their
 per tag, each in a fresh context (no chat history, so an answer never depends on the tags asked before), with greedy
 decoding, and parses the free-form answer (:func:`parse_likelihood`, :func:`parse_description`); an answer it
 cannot parse is reported in a warning naming the question and the answer, and counted. ToyWorld's rule-based judge
-is :class:`t2i_align.toyworld.sam_reward.ToyLikelihoodJudge`.
+is :class:`t2i_align.toyworld.experts.sam_reward.ToyLikelihoodJudge`.
 """
 
 from __future__ import annotations

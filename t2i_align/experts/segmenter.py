@@ -2,7 +2,7 @@
 
 A segmenter's ``masks`` maps images and, per image, a list of phrases to one boolean mask per phrase: the union of
 every instance the phrase names (an all-False mask when there is none). Implementations: the exact
-ToyWorld segmenter (:class:`t2i_align.toyworld.segmenter.ToySegmenter`) and Grounded-SAM
+ToyWorld segmenter (:class:`t2i_align.toyworld.experts.segmenter.ToySegmenter`) and Grounded-SAM
 (:mod:`t2i_align.experts.grounded_sam`).
 """
 

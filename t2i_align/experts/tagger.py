@@ -1,7 +1,7 @@
 """The tagging expert (FineRewards uses Tag2Text, RealignDiff RAM): ``tags(images) -> list[list[str]]``,
 the objects seen in each float image in [0, 1]. Tag2Text and RAM are not in transformers; the build here
 tags with a BLIP captioner and spaCy (the nouns of the caption, with their adjectives). ToyWorld tags
-exactly from its judge (:class:`t2i_align.toyworld.sam_reward.ToyTagger`)."""
+exactly from its judge (:class:`t2i_align.toyworld.experts.sam_reward.ToyTagger`)."""
 
 from __future__ import annotations
 

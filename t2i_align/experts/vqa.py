@@ -3,7 +3,7 @@
 A VQA model answers one free-form question per image: ``answer(images, questions) -> list[str]`` with
 images ``B x 3 x H x W`` in [0, 1]. TIFA snaps the free-form answer to a multiple-choice option
 afterwards (:func:`t2i_align.callbacks.tifa.nearest_choice`). ToyWorld answers with its judge
-(:class:`t2i_align.toyworld.vqa.ToyVQA`).
+(:class:`t2i_align.toyworld.experts.vqa.ToyVQA`).
 """
 
 from __future__ import annotations

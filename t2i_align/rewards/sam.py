@@ -32,7 +32,7 @@ class SAMReward(Reward):
     """FineRewards' SAM reward: tag the image, judge how likely each tag is given the prompt.
 
     Args:
-        tagger: the tagging expert (``class_path``; ToyWorld: ``t2i_align.toyworld.sam_reward.ToyTagger``).
+        tagger: the tagging expert (``class_path``; ToyWorld: ``t2i_align.toyworld.experts.sam_reward.ToyTagger``).
         judge: the likelihood judge (``t2i_align.experts.likelihood.CausalLMJudge`` or ToyWorld's rules).
         scores: points per label (FineRewards' code: certain 3, may 2, unlikely 1).
     """

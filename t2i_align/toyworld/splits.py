@@ -211,8 +211,8 @@ COUNT_CHOICES = tuple(str(n) for n in range(9))
 
 def tifa_questions(sets: dict[str, list[PromptSpec]]) -> list[dict]:
     """The evaluation prompts' scene-graph questions in TIFA's question-answer JSON format (ids
-    ``<category>_<index>``), answerable by the judge (:class:`t2i_align.toyworld.vqa.ToyVQA`)."""
-    from t2i_align.toyworld.metrics import questions
+    ``<category>_<index>``), answerable by the judge (:class:`t2i_align.toyworld.experts.vqa.ToyVQA`)."""
+    from t2i_align.toyworld.evaluation.metrics import questions
 
     out = []
     for category, specs in sets.items():

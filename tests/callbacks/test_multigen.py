@@ -10,7 +10,7 @@ import torch
 
 from t2i_align.callbacks.multigen import MultiGenEvaluation, multigen_counts, multigen_metrics, read_multigen
 from t2i_align.experts.detector import Detector
-from t2i_align.toyworld.segmenter import ToyDetector
+from t2i_align.toyworld.experts.segmenter import ToyDetector
 from tests.helpers import RenderingModule
 
 
@@ -38,7 +38,7 @@ def test_mg_k_counts_images_with_at_least_k_found():
 
 
 def test_toy_detector_finds_what_is_drawn():
-    from t2i_align.toyworld.judge import held_out_scenes
+    from t2i_align.toyworld.experts.judge import held_out_scenes
     from t2i_align.toyworld.world import COLOURS, SHAPES, render
 
     detector = ToyDetector()
@@ -129,7 +129,7 @@ def test_owlv2_loads_through_from_pretrained_and_applies_the_threshold(tiny_owl)
 def test_command_scores_an_exported_folder(tmp_path, capsys):
     from PIL import Image
 
-    from t2i_align.callbacks.multigen import main
+    from t2i_align.commands.multigen import main
     from tests.helpers import RenderingGenerator
 
     prompt_file = toy_multigen_file(tmp_path / "toy_multigen.json", count=3)
@@ -143,7 +143,7 @@ def test_command_scores_an_exported_folder(tmp_path, capsys):
             array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
             Image.fromarray(array).save(out / f"{index}_{k}.png")
     args = [str(out), "--prompt-file", prompt_file, "--images-per-prompt", "2",
-            "--detector", "t2i_align.toyworld.segmenter.ToyDetector", "--batch-size", "4"]
+            "--detector", "t2i_align.toyworld.experts.segmenter.ToyDetector", "--batch-size", "4"]
     main(args)
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])
     saved = json.loads((out / "multigen_scores.json").read_text())

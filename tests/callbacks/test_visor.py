@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from t2i_align.callbacks.visor import VISORObjectAccuracy, spatial_objects, visor_prompts
-from t2i_align.toyworld.segmenter import ToyDetector
+from t2i_align.toyworld.experts.segmenter import ToyDetector
 from tests.helpers import RenderingModule
 
 

@@ -177,7 +177,7 @@ def test_refuses_images_outside_unit_range(tiny):
 @pytest.mark.skipif(not (TOY_CAPTIONER / "config.json").exists(),
                     reason="models/toyworld/captioner not committed")
 def test_toyworld_captioner_prefers_the_true_colours():
-    from t2i_align.toyworld.batches import render_batch, to_float
+    from t2i_align.toyworld.pretraining.batches import render_batch, to_float
     from t2i_align.toyworld.world import COMPOSITIONAL, place, sample_spec
 
     rng = random.Random(7)

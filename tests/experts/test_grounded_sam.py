@@ -407,12 +407,12 @@ def test_vocabulary_tagger_errors_name_the_file(tmp_path):
 
 
 def test_annotation_command_runs_with_grounded_sam(tiny_dino, tiny_sam, tiny_pairs, tmp_path):
-    """`python -m t2i_align.annotate_masks` with the transformers Grounded-SAM (tiny models through from_pretrained):
+    """`python -m t2i_align.commands.annotate_masks` with the transformers Grounded-SAM (tiny models through from_pretrained):
     every noun gets a mask entry; with a threshold no box passes, every entry is null (nothing found); with every box
     kept, the (random) SAM masks are written as PNG files."""
     import json
 
-    from t2i_align.annotate_masks import main
+    from t2i_align.commands.annotate_masks import main
 
     def annotate(out, threshold):
         main([tiny_pairs, str(out), "--limit", "3", "--segmenter", "t2i_align.experts.grounded_sam.GroundedSAMSegmenter",

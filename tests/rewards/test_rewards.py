@@ -96,7 +96,7 @@ def test_differentiable_caption_reward_keeps_the_exact_value_and_has_a_pixel_gra
 def test_prompt_likelihood_surrogate_is_the_captioners_mean_token_log_likelihood(captioner_dir, clip_dir):
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    from t2i_align.toyworld.captioner import caption_log_likelihood
+    from t2i_align.toyworld.experts.captioner import caption_log_likelihood
 
     exact = CaptionReward(captioner_dir, clip_dir)
     reward = CaptionReward(captioner_dir, clip_dir, differentiable=True, surrogate="prompt_likelihood")

@@ -6,7 +6,7 @@ import torch
 from t2i_align.experts.likelihood import LABELS, CausalLMJudge, parse_likelihood
 from t2i_align.rewards import SAMReward
 from t2i_align.rewards.sam import sam_score
-from t2i_align.toyworld.sam_reward import ToyLikelihoodJudge, ToyTagger
+from t2i_align.toyworld.experts.sam_reward import ToyLikelihoodJudge, ToyTagger
 from tests.helpers import RenderingGenerator
 
 

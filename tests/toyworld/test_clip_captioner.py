@@ -17,8 +17,8 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from t2i_align.toyworld import captioner as cap
-from t2i_align.toyworld.batches import (
+from t2i_align.toyworld.experts import captioner as cap
+from t2i_align.toyworld.pretraining.batches import (
     eval_texts,
     heldout_scenes,
     normalize,
@@ -28,8 +28,8 @@ from t2i_align.toyworld.batches import (
     step_loader,
     to_float,
 )
-from t2i_align.toyworld.clip_model import build_clip, clip_quality, contrastive_loss, train_clip
-from t2i_align.toyworld.metrics import score_image
+from t2i_align.toyworld.experts.clip_model import build_clip, clip_quality, contrastive_loss, train_clip
+from t2i_align.toyworld.evaluation.metrics import score_image
 from t2i_align.toyworld.world import COMPOSITIONAL, NATURAL, Phrase, PromptSpec, parse_prompt, place, render, sample_spec
 
 
@@ -110,7 +110,7 @@ def _resume_case(name, tmp_path, caplog):
     train = {"clip": train_clip, "captioner": cap.train_captioner}[name]
     load = {"clip": CLIPModel, "captioner": BlipForConditionalGeneration}[name]
     kwargs = dict(batch_size=3, log_every=3, warmup=2, checkpoint_every=100)
-    with caplog.at_level(logging.INFO, logger="t2i_align.toyworld.batches"):
+    with caplog.at_level(logging.INFO, logger="t2i_align.toyworld.pretraining.batches"):
         short = load.from_pretrained(train(tmp_path / "resumed", steps=6, **kwargs)).state_dict()
         assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 6
         resumed = train(tmp_path / "resumed", steps=12, **kwargs)
@@ -313,7 +313,7 @@ def test_caption_accuracy_compares_scenes_not_strings():
 
 
 def test_hold_cosine_schedule_extends_a_constant_run_with_a_decay():
-    from t2i_align.toyworld.batches import LoopConfig, lr_at
+    from t2i_align.toyworld.pretraining.batches import LoopConfig, lr_at
 
     held = LoopConfig(6000, 8, 5e-4, warmup=200, schedule="hold_cosine", decay_start=4000)
     constant = LoopConfig(4000, 8, 5e-4, warmup=200)

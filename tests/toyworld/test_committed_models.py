@@ -1,5 +1,5 @@
 """The committed ToyWorld models (``models/toyworld``) load through the standard paths and still do what
-the quality bars say, on small samples (the full bars: ``python -m t2i_align.toyworld.quality``).
+the quality bars say, on small samples (the full bars: ``python -m t2i_align.toyworld.evaluation.quality``).
 
 The thresholds sit below the bars because the samples are small; they catch a broken or swapped model,
 a wrong loading path (dtype, scheduler config) or an untrained component."""
@@ -24,8 +24,8 @@ def test_committed_models_fit_the_size_budget():
 def test_plain_diffusers_pipeline_draws_the_canonical_singles():
     from diffusers import StableDiffusionPipeline
 
-    from t2i_align.toyworld.judge import ToyJudge
-    from t2i_align.toyworld.metrics import score_image
+    from t2i_align.toyworld.experts.judge import ToyJudge
+    from t2i_align.toyworld.evaluation.metrics import score_image
     from t2i_align.toyworld.splits import canonical_single_prompts
     from t2i_align.toyworld.world import Phrase, PromptSpec
 
@@ -44,14 +44,14 @@ def test_plain_diffusers_pipeline_draws_the_canonical_singles():
 
 
 def test_captioner_reads_held_out_renders():
-    from t2i_align.toyworld.captioner import captioner_quality
+    from t2i_align.toyworld.experts.captioner import captioner_quality
 
     q = captioner_quality(MODELS / "captioner", n=64)
     assert q["sensitivity"] >= 0.9 and q["caption_exact"] >= 0.75, q
 
 
 def test_clip_retrieves_and_rejects_corrupted_captions():
-    from t2i_align.toyworld.clip_model import clip_quality
+    from t2i_align.toyworld.experts.clip_model import clip_quality
 
     q = clip_quality(MODELS / "clip", n=128)
     assert q["i2t_top1"] >= 0.7 and q["t2i_top1"] >= 0.7 and q["corruption_acc"] >= 0.7, q

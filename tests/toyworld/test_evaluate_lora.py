@@ -1,4 +1,4 @@
-"""``python -m t2i_align.toyworld.evaluate PIPELINE --lora DIR`` scores the model that was trained: with the ToyWorld
+"""``python -m t2i_align.toyworld.evaluation.pipeline PIPELINE --lora DIR`` scores the model that was trained: with the ToyWorld
 CoMat overlay's wide LoRA (attention, projections, feed-forward, ResNet convolutions) it draws the module's images."""
 
 import json
@@ -12,8 +12,8 @@ from PIL import Image
 from t2i_align.common import image_grid
 from t2i_align.diffusion.generator import Generator, GeneratorConfig, LoraSettings
 from t2i_align.diffusion.lora import export_trained_weights
-from t2i_align.toyworld.evaluate import main
-from t2i_align.toyworld.evaluation import load_items
+from t2i_align.commands.toyworld_evaluate import main
+from t2i_align.toyworld.evaluation.scoring import load_items
 from t2i_align.toyworld.splits import eval_prompt_sets, write_prompts
 from tests.helpers import REPO_ROOT
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from t2i_align.callbacks.toyworld import ToyWorldEvaluation
-from t2i_align.toyworld.evaluation import load_items, metric_keys, score_items, summarise
-from t2i_align.toyworld.judge import ToyJudge
+from t2i_align.toyworld.evaluation.scoring import load_items, metric_keys, score_items, summarise
+from t2i_align.toyworld.experts.judge import ToyJudge
 from t2i_align.toyworld.splits import eval_prompt_sets, write_prompts
 from tests.helpers import RenderingGenerator, RenderingModule
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from t2i_align.toyworld.judge import (
+from t2i_align.toyworld.experts.judge import (
     ATTRIBUTES,
     GARBAGE,
     Detection,

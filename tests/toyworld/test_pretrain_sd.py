@@ -5,8 +5,8 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from t2i_align.diffusion.generator import Generator, GeneratorConfig
-from t2i_align.toyworld.clip_model import train_clip
-from t2i_align.toyworld.pretrain_sd import LATENT_CHANNELS, assemble_pipeline, export_text_encoder, train_unet, train_vae
+from t2i_align.toyworld.experts.clip_model import train_clip
+from t2i_align.toyworld.pretraining.sd import LATENT_CHANNELS, assemble_pipeline, export_text_encoder, train_unet, train_vae
 
 
 def test_stages_chain_into_a_loadable_pipeline(tmp_path):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from t2i_align.experts.segmenter import Segmenter
-from t2i_align.toyworld.judge import held_out_scenes
-from t2i_align.toyworld.segmenter import ToySegmenter, parse_noun_phrase
+from t2i_align.toyworld.experts.judge import held_out_scenes
+from t2i_align.toyworld.experts.segmenter import ToySegmenter, parse_noun_phrase
 from t2i_align.toyworld.world import COLOURS, SHAPES, Phrase, render
 
 

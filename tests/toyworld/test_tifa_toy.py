@@ -8,10 +8,10 @@ import torch
 
 from t2i_align.callbacks.tifa import TIFAEvaluation, read_tifa_questions
 from t2i_align.experts.vqa import VQAModel
-from t2i_align.toyworld.judge import ToyJudge
-from t2i_align.toyworld.metrics import score_image
+from t2i_align.toyworld.experts.judge import ToyJudge
+from t2i_align.toyworld.evaluation.metrics import score_image
 from t2i_align.toyworld.splits import TIFA_TYPES, eval_prompt_sets, tifa_questions
-from t2i_align.toyworld.vqa import ToyVQA
+from t2i_align.toyworld.experts.vqa import ToyVQA
 from t2i_align.toyworld.world import parse_prompt
 from tests.helpers import RenderingGenerator, RenderingModule
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from t2i_align.datamodules import PairDataset
-from t2i_align.toyworld.metrics import aggregate, answer, clause_verdicts, questions, score_image
+from t2i_align.toyworld.evaluation.metrics import aggregate, answer, clause_verdicts, questions, score_image
 from t2i_align.toyworld.splits import (
     EVAL_CATEGORIES,
     canonical_single_prompts,

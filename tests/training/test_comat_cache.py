@@ -12,10 +12,15 @@ import lightning as L
 import pytest
 import torch
 
+from t2i_align.commands.comat_cache import main
 from t2i_align.diffusion.generator import GeneratorConfig, LoraSettings
 from t2i_align.experts.captioner import BlipLikelihood
-from t2i_align.lightning_modules.comat import RECIPE_FILE, CoMat, RealLatentsCacheError, cache_entry_name
-from t2i_align.comat_cache import main
+from t2i_align.lightning_modules.comat import CoMat
+from t2i_align.lightning_modules.comat.real_latents import (
+    RECIPE_FILE,
+    RealLatentsCacheError,
+    cache_entry_name,
+)
 from tests.helpers import REPO_ROOT, save_tiny_captioner, trainable_digest
 
 CONFIGS = Path(REPO_ROOT) / "configs"

@@ -22,8 +22,8 @@ from t2i_align.experts.likelihood import CausalLMJudge, parse_description
 from t2i_align.lightning_modules.fine_stage import (
     FineStage, LocalObject, Modulation, cross_modulation, modulate, self_modulation,
 )
-from t2i_align.toyworld.sam_reward import ToyLikelihoodJudge, ToyTagger
-from t2i_align.toyworld.segmenter import ToySegmenter
+from t2i_align.toyworld.experts.sam_reward import ToyLikelihoodJudge, ToyTagger
+from t2i_align.toyworld.experts.segmenter import ToySegmenter
 from tests.helpers import REPO_ROOT, FixedTagger, HalfSegmenter
 
 CONFIGS = Path(REPO_ROOT) / "configs"
@@ -236,7 +236,7 @@ def predict(tiny_sd: str, out: Path, method: str, extra=()) -> list:
         "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / f"method/{method}.yaml"),
         "--config", str(CONFIGS / "model/tiny.yaml"), f"--model.init_args.generator.pretrained={tiny_sd}",
         *(["--model.init_args.tagger=tests.helpers.FixedTagger", "--model.init_args.tagger.init_args.tags=[red circle]",
-           "--model.init_args.judge=t2i_align.toyworld.sam_reward.ToyLikelihoodJudge",
+           "--model.init_args.judge=t2i_align.toyworld.experts.sam_reward.ToyLikelihoodJudge",
            "--model.init_args.segmenter=tests.helpers.HalfSegmenter"] if method == "fine_stage" else []),
         "--data.class_path=t2i_align.datamodules.BenchmarkExportData", f"--data.init_args.prompts.path={prompts}",
         "--data.init_args.layout=t2i_compbench", "--data.init_args.images_per_prompt=1",
@@ -269,7 +269,7 @@ def test_fit_refuses_the_training_free_method(tiny_sd, tiny_pairs, tmp_path):
 
     args = tiny_fit_args(tiny_sd, tiny_pairs, tmp_path, 1, str(CONFIGS / "method/fine_stage.yaml"))
     args += ["--model.init_args.tagger=tests.helpers.FixedTagger", "--model.init_args.tagger.init_args.tags=[circle]",
-             "--model.init_args.judge=t2i_align.toyworld.sam_reward.ToyLikelihoodJudge",
+             "--model.init_args.judge=t2i_align.toyworld.experts.sam_reward.ToyLikelihoodJudge",
              "--model.init_args.segmenter=tests.helpers.HalfSegmenter"]
     with pytest.raises(RuntimeError, match="training-free.*validate"):
         cli_main(args)

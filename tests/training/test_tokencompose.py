@@ -161,7 +161,7 @@ def test_toyworld_overlay_trains_from_the_cli_at_batch_4(tmp_path):
     from tests.helpers import REPO_ROOT
 
     world = tmp_path / "world"
-    subprocess.run([sys.executable, "-m", "t2i_align.toyworld.build", str(world), "--natural", "16", "--natural-val", "4",
+    subprocess.run([sys.executable, "-m", "t2i_align.commands.toyworld_build", str(world), "--natural", "16", "--natural-val", "4",
                     "--train-prompts", "4", "--eval-per-category", "1", "--val-per-category", "1"], check=True,
                    cwd=REPO_ROOT)
     configs = Path(REPO_ROOT) / "configs"

@@ -9,14 +9,12 @@ every word ToyWorld captions can contain) writes ``[CLS] text [SEP]``; the decod
 ``[DEC]`` (``text_config.bos_token_id``), which replaces ``[CLS]`` at position 0 (as BLIP's training code
 does), and generation stops at ``[SEP]`` (``text_config.sep_token_id``).
 
-``python -m t2i_align.toyworld.captioner OUT --steps N`` trains (and resumes) a model.
+Trained (and resumed) by the ``captioner`` stage of ``python -m t2i_align.commands.toyworld_pretrain``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 from dataclasses import asdict, replace
 from itertools import combinations
 from pathlib import Path
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-from t2i_align.toyworld.batches import (
+from t2i_align.toyworld.pretraining.batches import (
     CLIP_MEAN,
     CLIP_STD,
     LoopConfig,
@@ -37,7 +35,7 @@ from t2i_align.toyworld.batches import (
     to_float,
     train_loop,
 )
-from t2i_align.toyworld.metrics import score_image
+from t2i_align.toyworld.evaluation.metrics import score_image
 from t2i_align.toyworld.world import (
     COLOURS,
     COUNT_WORDS,
@@ -351,33 +349,3 @@ def captioner_quality(model_dir: str | Path, n: int = 300, seed: int = 1234, sou
     out["n"] = float(n)
     out["examples"] = [f"{s.caption} -> {c}" for s, c in zip(scenes[:5], captions[:5])]
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--schedule", default="constant", choices=("constant", "cosine", "hold_cosine"))
-    parser.add_argument("--decay-start", type=int, help="hold_cosine: the step where the cosine decay starts")
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=200)
-    parser.add_argument("--vision-hidden", type=int, default=128)
-    parser.add_argument("--text-hidden", type=int, default=128)
-    parser.add_argument("--quality", action="store_true", help="print captioner_quality at the end")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    folder = train_captioner(args.out, args.steps, args.batch_size, args.lr, args.seed, args.device,
-                             args.checkpoint_every, schedule=args.schedule, decay_start=args.decay_start,
-                             num_workers=args.num_workers,
-                             vision_hidden=args.vision_hidden, text_hidden=args.text_hidden)
-    if args.quality:
-        for source in ("mix", "eval"):
-            print(source, json.dumps(captioner_quality(folder, source=source, device=args.device)))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Write the ToyWorld data splits: ``python -m t2i_align.toyworld.build OUT [--seed 0] ...``.
+"""Write the ToyWorld data splits: ``python -m t2i_align.commands.toyworld_build OUT [--seed 0] ...``.
 
 Layout (everything deterministic from the seed)::
 

@@ -14,8 +14,8 @@ import torch
 
 from t2i_align.common import EvalItem, derive_seed
 from t2i_align.datamodules.prompts import read_prompts
-from t2i_align.toyworld.judge import ToyJudge
-from t2i_align.toyworld.metrics import clause_verdicts, score_image
+from t2i_align.toyworld.experts.judge import ToyJudge
+from t2i_align.toyworld.evaluation.metrics import clause_verdicts, score_image
 from t2i_align.toyworld.splits import EVAL_CATEGORIES
 from t2i_align.toyworld.world import parse_prompt
 
@@ -24,7 +24,7 @@ METRICS = ("all_clauses", "object_accuracy", "object_missing", "attribute_wrong"
 
 def load_items(prompts_dir: str | Path, categories: Sequence[str] | None = None, per_category: int | None = None,
                images_per_prompt: int = 1, seed: int = 0) -> list[EvalItem]:
-    """Items from ``<prompts_dir>/<category>.txt`` (the layout written by ``toyworld.build``: prompts/eval)."""
+    """Items from ``<prompts_dir>/<category>.txt`` (the layout written by ``commands.toyworld_build``: prompts/eval)."""
     items = []
     for category in categories or EVAL_CATEGORIES:
         prompts = read_prompts(Path(prompts_dir) / f"{category}.txt", format="txt")[:per_category]

@@ -1,6 +1,6 @@
 """Pretraining of ToyWorld's Stable Diffusion parts (VAE, UNet) and assembly of the pipeline folder.
 
-Each stage trains with :func:`t2i_align.toyworld.batches.train_loop` on scenes rendered on the fly (a
+Each stage trains with :func:`t2i_align.toyworld.pretraining.batches.train_loop` on scenes rendered on the fly (a
 function of (stream, seed, step)): a stage stopped anywhere resumes from its last checkpoint and ends
 with the same weights as an uninterrupted run. The UNet learns from the NATURAL distribution only (like SD from web captions);
 the VAE sees both distributions (an image codec has no reason to be biased). Evaluation prompt texts
@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusi
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from t2i_align.io import atomic_path
-from t2i_align.toyworld.batches import LoopConfig, heldout_scenes, render_batch, to_float, train_loop
+from t2i_align.toyworld.pretraining.batches import LoopConfig, heldout_scenes, render_batch, to_float, train_loop
 from t2i_align.toyworld.world import render
 
 IMAGE_SIZE = 64
@@ -218,7 +218,7 @@ def save_half(model_dir: str | Path, out_dir: str | Path, model_class: type) -> 
 @torch.no_grad()
 def vae_quality(vae: AutoencoderKL, count: int = 200, seed: int = 9_100_000) -> dict[str, float]:
     """Judge accuracy on VAE reconstructions of held-out renders (what the UNet can at best generate)."""
-    from t2i_align.toyworld.judge import JudgeScore, ToyJudge, held_out_scenes
+    from t2i_align.toyworld.experts.judge import JudgeScore, ToyJudge, held_out_scenes
 
     judge, score = ToyJudge(), JudgeScore()
     scenes = held_out_scenes(count, seed)

@@ -1,4 +1,4 @@
-"""Build the tiny demo inputs: ``python -m t2i_align.tiny OUT`` writes ``OUT/sd`` (a random-weight SD
+"""Build the tiny demo inputs: ``python -m t2i_align.commands.build_tiny OUT`` writes ``OUT/sd`` (a random-weight SD
 pipeline folder) and ``OUT/pairs`` (synthetic coloured-shape pairs with masks)."""
 
 from __future__ import annotations

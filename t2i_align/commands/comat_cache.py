@@ -1,7 +1,7 @@
 """Fill a cache of CoMat's real latents ahead of training (the paper's Appendix E): the frozen base model's final
 latents of every training prompt, with the noise and sampler settings training uses::
 
-    python -m t2i_align.comat_cache OUT --config ... [--config ...] [overrides]
+    python -m t2i_align.commands.comat_cache OUT --config ... [--config ...] [overrides]
         [--batch-size N] [--limit N] [--device cuda]
 
 with the training run's config stack; then train with ``--model.init_args.real_latents=OUT``. Layout and checks:
@@ -24,10 +24,10 @@ from typing import Any, Sequence
 import torch
 
 from t2i_align.io import atomic_path
-from t2i_align.lightning_modules.comat import (
+from t2i_align.lightning_modules.comat import CoMat
+from t2i_align.lightning_modules.comat.real_latents import (
     CACHE_COMMAND,
     RECIPE_FILE,
-    CoMat,
     RealLatentsCacheError,
     cache_entry_name,
     read_recipe,

@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 
 from t2i_align.experts.base import check_images
-from t2i_align.toyworld.judge import ToyJudge
-from t2i_align.toyworld.segmenter import parse_noun_phrase
+from t2i_align.toyworld.experts.judge import ToyJudge
+from t2i_align.toyworld.experts.segmenter import parse_noun_phrase
 from t2i_align.toyworld.world import Phrase, parse_prompt
 
 

@@ -1,6 +1,6 @@
 """Turn image-caption pairs into TokenCompose's ``metadata.jsonl``: the caption's nouns and one mask per noun::
 
-    python -m t2i_align.annotate_masks PAIRS OUT [--image-root DIR] [--format auto|coco|jsonl] [--limit N]
+    python -m t2i_align.commands.annotate_masks PAIRS OUT [--image-root DIR] [--format auto|coco|jsonl] [--limit N]
         [--segmenter CLASS_PATH] [--segmenter-args JSON] [--spacy-model en_core_web_sm] [--device cpu]
 
 * Nouns: spaCy part-of-speech tags, each noun (or proper noun) with the compound nouns before it ("chocolate
@@ -36,7 +36,7 @@ from t2i_align.common import build_from_class_path
 from t2i_align.datamodules.pairs import PAIR_FORMATS, PairRecord
 from t2i_align.io import atomic_path
 
-DEFAULT_SEGMENTER = "t2i_align.toyworld.segmenter.ToySegmenter"
+DEFAULT_SEGMENTER = "t2i_align.toyworld.experts.segmenter.ToySegmenter"
 
 
 def caption_nouns(text: str, nlp: Any) -> list[str]:

@@ -4,14 +4,12 @@ Used for CLIP score, CLIP reward and FID features; its text tower is the text en
 Stable Diffusion pipeline. The saved folder loads with ``CLIPModel``, ``CLIPTokenizer``,
 ``CLIPImageProcessor`` and ``CLIPProcessor`` ``.from_pretrained``.
 
-``python -m t2i_align.toyworld.clip_model OUT --steps N`` trains (and resumes) a model.
+Trained (and resumed) by the ``text`` and ``clip`` stages of ``python -m t2i_align.commands.toyworld_pretrain``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import math
 import shutil
 from dataclasses import asdict
@@ -22,7 +20,7 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from t2i_align.diffusion.assets import TINY_TOKENIZER_DIR
-from t2i_align.toyworld.batches import (
+from t2i_align.toyworld.pretraining.batches import (
     CLIP_MEAN,
     CLIP_STD,
     LoopConfig,
@@ -132,11 +130,11 @@ def clip_quality(model_dir: str | Path, n: int = 512, seed: int = 1234, source: 
 
     ``i2t_top1``/``t2i_top1``: top-1 retrieval within batches of ``batch`` (a hit when the retrieved caption
     equals the true one, so duplicate captions are not penalised); ``corruption_acc``: fraction of (caption,
-    corruption) pairs (see :func:`~t2i_align.toyworld.captioner.corruptions`) where the image is closer to
+    corruption) pairs (see :func:`~t2i_align.toyworld.experts.captioner.corruptions`) where the image is closer to
     its caption. ``source``: ``mix`` (held-out scenes of the training mix) or ``eval`` (scenes of the
     evaluation prompts, never trained on).
     """
-    from t2i_align.toyworld.captioner import corruptions
+    from t2i_align.toyworld.experts.captioner import corruptions
 
     model = CLIPModel.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     tokenizer = CLIPTokenizer.from_pretrained(model_dir)
@@ -159,28 +157,3 @@ def clip_quality(model_dir: str | Path, n: int = 512, seed: int = 1234, source: 
             pairs += len(flat)
     return {"i2t_top1": i2t / n, "t2i_top1": t2i / n, "corruption_acc": wins / max(pairs, 1), "pairs": float(pairs),
             "n": float(n)}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=200)
-    parser.add_argument("--quality", action="store_true", help="print clip_quality at the end")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    folder = train_clip(args.out, args.steps, args.batch_size, args.lr, args.seed, args.device, args.checkpoint_every,
-                        schedule=args.schedule, num_workers=args.num_workers)
-    if args.quality:
-        for source in ("mix", "eval"):
-            print(source, json.dumps(clip_quality(folder, source=source, device=args.device)))
-
-
-if __name__ == "__main__":
-    main()

