@@ -99,7 +99,7 @@ class _DropLightningTip(logging.Filter):
 
 
 def quiet_known_noise() -> None:
-    """Silence messages that need no action from a t2i-align user (README, "Messages")."""
+    """Silence messages that need no action from a t2i-align user (docs/configs.md, "Messages")."""
     # The frozen text encoder, VAE and experts are in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     # A resumed run writes into a new version folder by design (t2i_align.runs); best-k bookkeeping is not used.

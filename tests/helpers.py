@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import random
+import signal
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +16,8 @@ import torch
 
 from t2i_align.callbacks.evaluation import GenerativeEvaluation
 from t2i_align.diffusion.generator import SampleOutput
-from t2i_align.lightning_modules.finetune import Finetune, pair_batch
+from t2i_align.lightning_modules.base import batch_pairs
+from t2i_align.lightning_modules.finetune import Finetune
 from t2i_align.toyworld.world import COMPOSITIONAL, Obj, parse_prompt, place, render
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +58,7 @@ class RecordSteps(L.Callback):
         self.validations = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        ids = pair_batch(batch)["ids"]
+        ids = batch_pairs(batch, "RecordSteps")["ids"]
         loss = trainer.callback_metrics.get("train/loss")
         self.steps.append({"step": trainer.global_step, "ids": list(ids), "digest": trainable_digest(pl_module),
                            "loss": None if loss is None else float(loss)})
@@ -81,7 +82,7 @@ class NaNFinetune(Finetune):
 
     def training_step(self, batch, batch_idx):
         if self.batches_started - 1 in self.nan_batches:
-            pairs = pair_batch(batch)
+            pairs = batch_pairs(batch, "NaNFinetune")
             loss = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_rng())
             return self.guard_nonfinite(loss * float("nan"))
         return super().training_step(batch, batch_idx)
@@ -184,8 +185,8 @@ class RenderingGenerator:
         self.swap_colours = swap_colours
         self.calls = []
 
-    def sample(self, prompts, seeds, **kwargs):
-        self.calls.append((list(prompts), list(seeds), kwargs))
+    def sample(self, prompts, seeds, sampling=None, **kwargs):
+        self.calls.append((list(prompts), list(seeds), sampling))
         images = []
         for prompt, seed in zip(prompts, seeds):
             scene = place(parse_prompt(prompt), COMPOSITIONAL, random.Random(seed))
@@ -207,8 +208,8 @@ class RenderingModule(L.LightningModule):
         self.generator = RenderingGenerator(swap_colours)
         self.layer = torch.nn.Linear(1, 1)
 
-    def sample(self, prompts, seeds, **sampling):
-        return self.generator.sample(prompts, seeds, **sampling)
+    def sample(self, prompts, seeds, sampling=None, **kwargs):
+        return self.generator.sample(prompts, seeds, sampling, **kwargs)
 
     def validation_step(self, batch, batch_idx):
         pass

@@ -163,8 +163,8 @@ def test_tiny_stack_builds_model_and_datamodule(tiny_sd, tiny_pairs, tmp_path, m
     # data: the data fragment's batch size and resolution, read from the synthetic pairs
     assert type(cli.datamodule) is T2IDataModule
     cli.datamodule.setup("fit")
-    batch = next(iter(cli.datamodule.train_dataloader()))
-    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    batch, _, _ = next(iter(cli.datamodule.train_dataloader()))
+    assert batch["pairs"]["pixel_values"].shape == (4, 3, 32, 32)
     # trainer: the trainer fragment
     assert cli.trainer.max_steps == 20
     assert {type(c) for c in cli.trainer.callbacks} >= {StepCheckpoint, ExportWeights}

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from t2i_align.common import EvalItem, derive_seed, image_grid  # noqa: F401  (re-exported)
 from t2i_align.datamodules.prompts import Prompt, PromptSource, load_prompt_sources
+from t2i_align.diffusion.sampling import SamplingSettings
 
 
 def make_items(prompts: Sequence[Prompt], images_per_prompt: int = 1, seed: int = 0) -> list[EvalItem]:
@@ -56,9 +57,7 @@ class GenerativeEvaluation(L.Callback):
     Args:
         prompts: prompt sets to generate (concatenated in order; ``weight`` is ignored).
         images_per_prompt: images per prompt, each with its own fixed seed.
-        num_inference_steps: sampler steps.
-        guidance_scale: classifier-free guidance scale.
-        scheduler: ``ddim`` or ``ddpm``.
+        sampling: sampler settings (25 DDIM steps, CFG 7.5 by default).
         batch_size: generation batch per rank.
         seed: base of the per-item seeds.
         log_samples: how many images (first items) to log per evaluation (0: none).
@@ -67,13 +66,13 @@ class GenerativeEvaluation(L.Callback):
     name = "eval"
 
     def __init__(self, prompts: list[PromptSource] | None = None, images_per_prompt: int = 1,
-                 num_inference_steps: int = 25, guidance_scale: float = 7.5, scheduler: str = "ddim",
-                 batch_size: int = 8, seed: int = 0, log_samples: int = 16) -> None:
+                 sampling: SamplingSettings = SamplingSettings(num_inference_steps=25), batch_size: int = 8,
+                 seed: int = 0, log_samples: int = 16) -> None:
         if images_per_prompt < 1 or batch_size < 1:
             raise ValueError(f"images_per_prompt and batch_size must be >= 1, got {images_per_prompt}, {batch_size}")
         self.prompt_sources = [p if isinstance(p, PromptSource) else PromptSource(**p) for p in (prompts or [])]
         self.images_per_prompt, self.seed = images_per_prompt, seed
-        self.sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
+        self.sampling = sampling
         self.batch_size, self.log_samples = batch_size, log_samples
         self._items: list[EvalItem] | None = None
         self._settings_logged = False
@@ -105,7 +104,7 @@ class GenerativeEvaluation(L.Callback):
         return self._items
 
     def settings(self) -> dict[str, Any]:
-        return {"items": len(self.items), "images_per_prompt": self.images_per_prompt, "seed": self.seed, **self.sampling}
+        return {"items": len(self.items), "images_per_prompt": self.images_per_prompt, "seed": self.seed, **self.sampling.as_dict()}
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Generate this rank's share, update, compute on all ranks; log samples. Returns the metrics."""
@@ -116,7 +115,7 @@ class GenerativeEvaluation(L.Callback):
             for start in range(0, len(mine), self.batch_size):
                 batch = mine[start:start + self.batch_size]
                 images = pl_module.sample([it.prompt for it in batch], [it.seed for it in batch],
-                                                    **self.sampling).images.float().clamp(0, 1)
+                                          self.sampling).images.float().clamp(0, 1)
                 scores = self.update(images, batch, pl_module) or [{} for _ in batch]
                 for j, (image, item, s) in enumerate(zip(images, batch, scores)):
                     index = trainer.global_rank + (start + j) * trainer.world_size  # position in self.items

@@ -67,10 +67,11 @@ def _as_pair_source(value: PairSource | Mapping[str, Any] | None) -> PairSource 
 class T2IDataModule(L.LightningDataModule):
     """Prompts and/or image-caption pairs for text-to-image fine-tuning.
 
-    Training batches: with only prompts, ``{"prompts": [str], "ids": [str], "sources": [str]}``; with only
-    pairs, ``{"pixel_values": FloatTensor[B, 3, R, R] in [0, 1], "captions": [str], "ids": [str],
-    "masks": [[(noun, BoolTensor[R, R] | None)] | None] | None}``; with both, ``{"prompts": <prompt batch>,
-    "pairs": <pair batch>}``. Each training loader is an endless :class:`StreamSampler` stream; bound training
+    A training batch always has one shape: ``{"prompts": <prompt batch>, "pairs": <pair batch>}`` with the parts
+    that are configured, where a prompt batch is ``{"prompts": [str], "ids": [str], "sources": [str]}`` and a pair
+    batch ``{"pixel_values": FloatTensor[B, 3, R, R] in [0, 1], "captions": [str], "ids": [str],
+    "masks": [[(noun, BoolTensor[R, R] | None)] | None] | None}`` (methods read them with
+    :func:`~t2i_align.lightning_modules.base.batch_prompts` / ``batch_pairs``). Each training loader is an endless :class:`StreamSampler` stream; bound training
     with ``max_steps`` and validate with an integer ``val_check_interval`` (plus
     ``check_val_every_n_epoch=None``), since the single Lightning epoch never ends.
 
@@ -188,8 +189,8 @@ class T2IDataModule(L.LightningDataModule):
             drop_last=False,
         )
 
-    def train_dataloader(self) -> DataLoader | CombinedLoader:
-        """One endless loader, or a ``CombinedLoader({"prompts", "pairs"})`` when both are configured."""
+    def train_dataloader(self) -> CombinedLoader:
+        """A ``CombinedLoader`` over the endless loaders by name (``"prompts"`` and/or ``"pairs"``)."""
         if self._train_sets is None:
             self.setup("fit")
         assert self._train_sets is not None
@@ -208,8 +209,6 @@ class T2IDataModule(L.LightningDataModule):
             loaders[kind] = self._loader(dataset, sampler, self.batch_size, kind)
         self._pending_state = {}
         self._apply_state(state)
-        if len(loaders) == 1:
-            return next(iter(loaders.values()))
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     @property

@@ -29,6 +29,7 @@ from t2i_align.common import ConfigError, derive_seed
 from t2i_align.datamodules.datamodule import check_for_generator
 from t2i_align.datamodules.prompts import Prompt, PromptSource, read_prompts
 from t2i_align.datamodules.sampler import ShardSampler
+from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.io import NAME_MAX, atomic_path, temporary_name_length
 from t2i_align.runs import checkpoint_identity, config_differences
 
@@ -137,7 +138,7 @@ class ExportJob:
     prompt: str
     seeds: tuple[int, ...]
     path: str  # absolute
-    sampling: dict
+    sampling: dict  # SamplingSettings.as_dict(): batches hold plain containers (see collate_jobs)
 
 
 class BenchmarkExportData(L.LightningDataModule):
@@ -156,21 +157,18 @@ class BenchmarkExportData(L.LightningDataModule):
         layout: ``t2i_compbench`` | ``geneval`` | ``dpg_bench`` | ``tifa`` | ``multigen``.
         output_dir: where the layout is written.
         images_per_prompt: override the layout's default (10, 4, 4 in a grid, 1, 10).
-        num_inference_steps: sampler steps (the sampler settings are recorded in ``output_dir/export.json``).
-        guidance_scale: classifier-free guidance scale.
-        scheduler: ``ddim`` or ``ddpm``.
+        sampling: sampler settings (recorded in ``output_dir/export.json``).
         batch_size: output files per generation batch and rank.
         seed: base of the per-image seeds.
     """
 
     def __init__(self, prompts: PromptSource, layout: str, output_dir: str, images_per_prompt: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler: str = "ddim",
-                 batch_size: int = 4, seed: int = 0) -> None:
+                 sampling: SamplingSettings = SamplingSettings(), batch_size: int = 4, seed: int = 0) -> None:
         super().__init__()
         self.source = prompts if isinstance(prompts, PromptSource) else PromptSource(**prompts)
         self.layout = get_layout(layout, images_per_prompt)
         self.output_dir = Path(output_dir)
-        self.sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
+        self.sampling = sampling
         self.batch_size, self.seed = batch_size, seed
         self.prompts = None
         self.jobs: list[ExportJob] = []
@@ -189,7 +187,7 @@ class BenchmarkExportData(L.LightningDataModule):
                     skipped += 1
                     continue
                 seeds = tuple(derive_seed(self.seed, p.source, p.id, f * per_file + k) % (2**31) for k in range(per_file))
-                jobs.append(ExportJob(p.text, seeds, str(target), self.sampling))
+                jobs.append(ExportJob(p.text, seeds, str(target), self.sampling.as_dict()))
         self.jobs, self.skipped = jobs, skipped
         check_for_generator(self.trainer, None, "", {f"prompts ({self.source.path})": self.prompts})
 
@@ -206,7 +204,7 @@ class BenchmarkExportData(L.LightningDataModule):
             "prompts": {"path": str(self.source.path), "count": len(self.prompts),
                         "sha256": hashlib.sha256(listing.encode()).hexdigest()},
             "seed": self.seed,
-            "sampling": dict(self.sampling),
+            "sampling": self.sampling.as_dict(),
         }
         if pl_module is not None:
             recipe["weights"] = weights_identity(pl_module)

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from .datamodule import T2IDataModule
 from .pairs import PairDataset, PairSource
-from .prompts import load_prompt_sources
+from .prompts import Prompt, load_prompt_sources
+
+
+@runtime_checkable
+class RoundSelection(Protocol):
+    """A method that makes its own training pairs, round by round (:class:`~t2i_align.lightning_modules.ARL`)."""
+
+    def prepare_round(self, round_index: int, prompts: Sequence[Prompt]) -> Path:
+        """Select round ``round_index``'s pairs for ``prompts`` (resumable) and return their ``metadata.jsonl``."""
 
 
 class RankedPairsData(T2IDataModule):
     """``train_prompts`` are the prompts to generate for; at the start of every epoch (= ARL round) the
-    training loader asks the LightningModule for the round's kept pairs (``prepare_round(round, prompts)``
-    returns their ``metadata.jsonl``) and streams them. Set ``trainer.reload_dataloaders_every_n_epochs: 1``
-    and bound a round with ``trainer.limit_train_batches``. Validation sets work as in :class:`T2IDataModule`.
+    training loader asks the LightningModule (a :class:`RoundSelection`) for the round's kept pairs and streams
+    them. Set ``trainer.reload_dataloaders_every_n_epochs: 1`` and bound a round with
+    ``trainer.limit_train_batches``. Validation sets work as in :class:`T2IDataModule`.
+
+    Why the loader asks, not the module: ``train_dataloader`` is the first hook that sees the round of a resumed
+    run (Lightning restores the epoch after ``on_fit_start`` and builds the first loader before
+    ``on_train_start``/``on_train_epoch_start``; lightning/pytorch/loops/fit_loop.py, ``run``/``setup_data``), so
+    a round chosen in a module hook would feed the loader a round late.
 
     The checkpointed position holds the round: a run resumed inside a round continues that round's stream
     (its pairs are already on disk), a new round starts its stream from the beginning.
@@ -29,8 +43,9 @@ class RankedPairsData(T2IDataModule):
 
     def train_dataloader(self):
         trainer = self.trainer
-        if trainer is None or not hasattr(trainer.lightning_module, "prepare_round"):
-            raise RuntimeError("RankedPairsData needs a LightningModule with prepare_round() (the ARL method)")
+        if trainer is None or not isinstance(trainer.lightning_module, RoundSelection):
+            raise RuntimeError("RankedPairsData needs a method that selects its own pairs per round (RoundSelection: "
+                               "the ARL method)")
         round_index = trainer.current_epoch
         prompts = load_prompt_sources(self.train_prompts)[0]
         metadata = trainer.lightning_module.prepare_round(round_index, prompts)

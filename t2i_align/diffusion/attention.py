@@ -21,7 +21,8 @@ from typing import Callable, Container, Iterator, Sequence
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-# Default layers, as in TokenCompose and CoMat (METHODS.md §0): the mid block and all up blocks.
+# Default layers: the mid block and all up blocks, as in TokenCompose (Section 4, "Setup": every cross-attention
+# layer of U_Mid and U_D) and CoMat (Appendix E.1, "Training Layers for Attribute Concentration").
 DEFAULT_LAYER_PREFIXES = ("mid_block", "up_blocks")
 
 
@@ -39,11 +40,13 @@ def cross_attention_layer_names(unet: torch.nn.Module, prefixes: tuple[str, ...]
 
 @dataclass(frozen=True)
 class EditContext:
-    """Where an edit is applied: ``cfg`` means the batch is ``[uncond; cond]`` (edit ``chunk(2)[1]`` to change
+    """Where an edit is applied: ``step`` is the sampler's step index and ``timestep`` its diffusion timestep t
+    (for schedules like lambda_t); ``cfg`` means the batch is ``[uncond; cond]`` (edit ``chunk(2)[1]`` to change
     the conditional branch only); ``latent_hw`` is the latent size of the call (map side = latent side / factor)."""
 
     layer: str
     step: int
+    timestep: int
     heads: int
     cfg: bool
     latent_hw: tuple[int, int] | None
@@ -76,6 +79,7 @@ class AttentionStore:
         self.maps: dict[tuple[int, str], torch.Tensor] = {}
         self.recording = False
         self.step = 0
+        self.timestep = 0
         self.cfg = False
         self.latent_hw: tuple[int, int] | None = None
         self.edits: tuple[ScoreEdit, ...] = ()  # set by the sampler for one call
@@ -85,9 +89,10 @@ class AttentionStore:
         return [e for e in self.edits if e.applies(layer, self.step)]
 
     @contextlib.contextmanager
-    def at_step(self, step: int, cfg: bool, latent_hw: tuple[int, int], recording: bool) -> Iterator[None]:
-        """Context of one UNet call of the sampler: its step (for edits and map keys), CFG layout and size."""
-        self.step, self.cfg, self.latent_hw, self.recording = step, cfg, latent_hw, recording
+    def at_step(self, step: int, timestep: int, cfg: bool, latent_hw: tuple[int, int], recording: bool) -> Iterator[None]:
+        """Context of one UNet call of the sampler: its step index (for edits and map keys) and timestep (for
+        edits), CFG layout and size."""
+        self.step, self.timestep, self.cfg, self.latent_hw, self.recording = step, timestep, cfg, latent_hw, recording
         try:
             yield
         finally:
@@ -208,7 +213,7 @@ class CaptureProcessor:
 
     def _context(self, attn: Attention) -> EditContext:
         store = self.store
-        return EditContext(self.layer, store.step, attn.heads, store.cfg, store.latent_hw)
+        return EditContext(self.layer, store.step, store.timestep, attn.heads, store.cfg, store.latent_hw)
 
 
 def scores_to_probs(attn: Attention, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,

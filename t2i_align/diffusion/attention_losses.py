@@ -3,7 +3,7 @@
 All functions take the head-averaged cross-attention map of ONE layer, ``maps: [B, h, w, T]`` (softmax over
 the T text tokens already applied, conditional branch only), and per sample a list of :class:`Grounding`
 (token positions into T + a binary mask at any resolution). Masks are resized to ``(h, w)`` with bilinear
-interpolation then ``> 0`` (METHODS.md §0). Losses are computed in float32 and return one value per sample,
+interpolation then ``> 0`` (TokenCompose Section 3). Losses are computed in float32 and return one value per sample,
 ``Tensor[B]``; a sample without groups gives ``0`` that stays connected to ``maps`` (its gradient is zero).
 """
 

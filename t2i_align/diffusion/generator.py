@@ -11,7 +11,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -26,9 +26,9 @@ from t2i_align.diffusion.attention import (
 )
 from t2i_align.diffusion.loading import load_sd_components
 from t2i_align.diffusion.policies import GradientPolicy, NoGrad
+from t2i_align.diffusion.sampling import SamplingSettings
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 
 @dataclass
@@ -299,24 +299,18 @@ class Generator(nn.Module):
         return DenoisingOutput(F.mse_loss(pred, target.float()), attention, captions)
 
     # ---------------------------------------------------------------------------------- sampling
-    def make_scheduler(self, kind: str, num_inference_steps: int):
-        if kind not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler '{kind}', expected one of {sorted(SCHEDULERS)}")
-        scheduler = SCHEDULERS[kind].from_config(self.scheduler_config)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        return scheduler
+    def make_scheduler(self, sampling: SamplingSettings):
+        """A fresh scheduler of ``sampling``'s kind and steps on this model's device."""
+        return sampling.make_scheduler(self.scheduler_config, self.device)
 
     def sample(
         self,
         prompts: Sequence[str],
         seeds: Sequence[int],
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        scheduler: Literal["ddim", "ddpm"] = "ddim",
-        eta: float = 0.0,
+        sampling: SamplingSettings | None = None,
+        *,
         policy: GradientPolicy | None = None,
         policy_rng: torch.Generator | None = None,
-        resolution: int | None = None,
         decode: bool = True,
         record_attention: bool | Sequence[int] = False,
         embeddings: torch.Tensor | None = None,
@@ -325,7 +319,8 @@ class Generator(nn.Module):
         init_latents: torch.Tensor | None = None,
         start_step: int = 0,
     ) -> SampleOutput:
-        """Generate from per-sample seeded noise with the gradient rule of ``policy``.
+        """Generate from per-sample seeded noise with ``sampling``'s sampler (default: :class:`SamplingSettings`'s)
+        and the gradient rule of ``policy``.
 
         Steps outside the policy's grad steps run the UNet under ``no_grad``. From the first grad step
         on, the scheduler update stays in the graph. ``record_attention``: True records the grad steps
@@ -342,6 +337,8 @@ class Generator(nn.Module):
         img2img ``strength``). The policy plans the steps that run: its step indices count from ``start_step``,
         the returned ``plan_grad_steps`` are indices of the whole chain.
         """
+        sampling = sampling or SamplingSettings()
+        num_inference_steps, guidance_scale = sampling.num_inference_steps, sampling.guidance_scale
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         if not 0 <= start_step < num_inference_steps:
@@ -353,15 +350,15 @@ class Generator(nn.Module):
         if start_step:
             plan = dataclasses.replace(plan, grad_steps=frozenset(start_step + s for s in plan.grad_steps),
                                        stop_at=None if plan.stop_at is None else start_step + plan.stop_at)
-        sched = self.make_scheduler(scheduler, num_inference_steps)
+        sched = self.make_scheduler(sampling)
         grad_allowed = torch.is_grad_enabled()
-        cfg = guidance_scale > 1.0
+        cfg = sampling.cfg
 
         cond = self.encode_prompts(prompts) if embeddings is None else embeddings
         if cfg:
             cond = torch.cat([self.empty_embedding().expand_as(cond), cond])
-        resolution = resolution or self.default_resolution
-        self.check_resolution(resolution)
+        resolution = sampling.resolution or self.default_resolution
+        self.check_resolution(resolution, "sampling.resolution")
         latent_side = resolution // self.vae_scale_factor
         shape = (len(prompts), self.unet.config.in_channels, latent_side, latent_side)
         gens = seeded_generators(seeds)
@@ -393,7 +390,7 @@ class Generator(nn.Module):
                 grad_step = grad_allowed and i in plan.grad_steps
                 x = latents.detach() if (grad_step and plan.detach_input) else latents
                 x_in = sched.scale_model_input(torch.cat([x, x]) if cfg else x, t)
-                at_step = (store.at_step(i, cfg, (latent_side, latent_side), i in record_steps) if store is not None
+                at_step = (store.at_step(i, int(t), cfg, (latent_side, latent_side), i in record_steps) if store is not None
                            else contextlib.nullcontext())
                 with torch.set_grad_enabled(grad_step), at_step:
                     out = self.unet_forward(x_in, t, cond, use_checkpoint=grad_step and self.config.gradient_checkpointing)
@@ -405,7 +402,7 @@ class Generator(nn.Module):
                     break
                 in_graph = in_graph or grad_step
                 with torch.set_grad_enabled(in_graph):
-                    step_kwargs = {"eta": eta} if scheduler == "ddim" else {}
+                    step_kwargs = {"eta": sampling.eta} if sampling.scheduler == "ddim" else {}
                     latents = sched.step(out, t, latents, generator=gens, **step_kwargs).prev_sample
                 if step_hook is not None:
                     replaced = step_hook(i, t, latents)

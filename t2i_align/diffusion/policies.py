@@ -1,4 +1,10 @@
-"""Gradient policies: which denoising steps of a sampling chain carry gradient (METHODS.md §0).
+"""Gradient policies: which denoising steps of a sampling chain carry gradient.
+
+Sources: ``refl`` is ImageReward's ReFL (THUDM/ImageReward, ``ImageReward/ReFL.py``: 40 steps, one grad step
+m ~ U[30, 39]); ``strided`` is CoMat's (Appendix E.1: gradient at 5 of the 50 DDPM steps; CaraJ7/CoMat,
+``TrainableSDPipeline.py``, ``forward``: ``training_timesteps``, ``detach_gradient``); ``last_k`` is DRaFT-K
+(Clark et al., ICLR 2024) and AlignProp's truncated backpropagation (mihirp1998/AlignProp,
+``config/align_prop.py``: ``truncated_backprop``).
 
 A policy turns the number of steps and a random number generator (``rng``) into a :class:`StepPlan`. The sampler
 runs every other UNet call under ``no_grad``; from the first grad step on, the scheduler update

@@ -1,4 +1,5 @@
-"""Map the words of a prompt to their positions in the CLIP text encoder's input (METHODS.md §0).
+"""Map the words of a prompt to their positions in the CLIP text encoder's input (the token sets of TokenCompose
+Section 3, Eq. 5, and CoMat Section 4.2, Eq. 4-5).
 
 Every method that works on per-word tokens (attention losses on noun tokens, attention
 re-weighting, ...) goes through :func:`align_words` / :func:`find_phrase`.

@@ -24,7 +24,8 @@ def check_images(images: torch.Tensor, per_image: Sized, who: str) -> None:
 
 def expert_pixels(images: torch.Tensor, size: int, mean, std, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Float images in [0, 1] -> an expert's input: bicubic (antialiased) resize to ``size`` x ``size`` and
-    the expert's mean/std normalisation. Differentiable: no round trip through PIL or uint8 (METHODS §0)."""
+    the expert's mean/std normalisation. Differentiable: no round trip through PIL or uint8 (as CoMat's code
+    feeds BLIP: CaraJ7/CoMat, concept_mat_utils/caption_blip.py, a tensor Resize + Normalize)."""
     x = images.float()
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)

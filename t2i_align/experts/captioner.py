@@ -1,11 +1,11 @@
 """Image-to-text likelihood experts: how well does a captioning model read a text off an image?
 
-CoMat's concept-activation loss (METHODS.md §3 item 1) is ``L_i2t = -log p(prompt | image)`` under a BLIP
+CoMat's concept-activation loss (Section 4.1, Eq. 2) is ``L_i2t = -log p(prompt | image)`` under a BLIP
 captioning model, differentiable in the image. :class:`ImageToText` is the interface:
 ``log_likelihood(images, texts, rng) -> Tensor[B]``, per text the mean over its label tokens of the
 (label-smoothed) token log-likelihood given the image; ``L_i2t = -log_likelihood(...).mean()``.
 
-:class:`BlipLikelihood` follows CoMat's code:
+:class:`BlipLikelihood` follows CoMat's code (CaraJ7/CoMat, ``concept_mat_utils/caption_blip.py``, ``Blip.score``):
 
 * images (float ``B x 3 x H x W`` in [0, 1], refused otherwise) get a random shift crop of 0..``max_shift``
   pixels, then an antialiased bicubic resize to the vision tower's ``image_size`` and the processor's

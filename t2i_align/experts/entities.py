@@ -1,4 +1,4 @@
-"""Entities of a prompt for CoMat's attribute concentration (CoMat §4.2, METHODS.md §3 step 4).
+"""Entities of a prompt for CoMat's attribute concentration (CoMat Section 4.2, Eq. 4-5).
 
 An entity is a noun and its attributes, ``e_i = (n_i, a_i)``, found with spaCy dependency rules.
 The noun alone (never with its attributes) prompts the segmenter; the CLIP token positions of the
@@ -54,9 +54,10 @@ __all__ = ["ATTRIBUTE_NOUNS", "NON_OBJECT_NOUNS", "Entity", "parse_entities"]
 
 #: Nouns that are not objects a segmenter can localise (lower-case lemmas). CoMat filters "abstract
 #: (scene, atmosphere, language), difficult to identify their area (sunlight, noise, place), or
-#: describe the background (morning, bathroom, party)"; METHODS.md adds room and sky. CoMat's public
-#: code filters a longer list that also drops segmentable "stuff" (grass, water, snow, wall, street,
-#: mountain, sea, ...); those are kept here, since prompts give them attributes ("green grass"). Groups:
+#: describe the background (morning, bathroom, party)" (Section 4.2); room and sky come from its public
+#: code's list (CaraJ7/CoMat, attr_concen_utils/gsam_interface.py, update_nouns_attributes), which also
+#: drops segmentable "stuff" (grass, water, snow, wall, street, mountain, sea, ...); those are kept here,
+#: since prompts give them attributes ("green grass"). Groups:
 NON_OBJECT_NOUNS: frozenset[str] = frozenset(
     # abstract, and words about the picture itself rather than something in it
     {"scene", "atmosphere", "language", "style", "mood", "concept", "idea", "dream", "emotion", "feeling",

@@ -5,7 +5,7 @@ segmentation expert).
 Two builds share the geometry below (threshold rule, box conversion, union, empty mask):
 :class:`GroundedSAMSegmenter` on transformers (``GroundingDinoForObjectDetection`` + ``SamModel``) and
 :class:`OriginalGroundedSAMSegmenter` on the original ``groundingdino`` and ``segment_anything`` packages. Images stay
-float tensors end to end: resized and normalised here, never through PIL or uint8 (METHODS §0). transformers' image
+float tensors end to end: resized and normalised here, never through PIL or uint8. transformers' image
 processors are not used because their fast versions need torchvision; the sizes, mean and std come from each model's
 ``preprocessor_config.json`` and the geometry reproduces ``SamProcessor`` / ``SamImageProcessor.post_process_masks``.
 """

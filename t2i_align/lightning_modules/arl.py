@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from t2i_align.common import derive_seed
 from t2i_align.datamodules.prompts import Prompt
 from t2i_align.io import atomic_path, save_png
-from t2i_align.lightning_modules.base import AlignmentModule, FrozenExperts, pair_batch
+from t2i_align.diffusion.sampling import SamplingSettings
+from t2i_align.lightning_modules.base import AlignmentModule, FrozenExperts, batch_pairs
 from t2i_align.rewards.base import Reward
 from t2i_align.rewards.ranking import average_ranks, rank_sum, select_candidates
 
@@ -38,9 +39,7 @@ class ARL(AlignmentModule):
         rewards: name -> reward (``class_path`` each); every one ranks the candidates.
         candidates: K candidates per prompt (FineRewards: 10).
         output_dir: where the rounds are written (default ``<trainer.default_root_dir>/arl``).
-        num_inference_steps: sampler steps of the candidates.
-        guidance_scale: classifier-free guidance of the candidates.
-        scheduler: sampler of the candidates (``ddim`` or ``ddpm``).
+        sampling: sampler settings of the candidates.
         generation_batch_size: images per generation / scoring call.
     """
 
@@ -50,9 +49,7 @@ class ARL(AlignmentModule):
         rewards: Mapping[str, Reward],
         candidates: int = 10,
         output_dir: str | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        scheduler: Literal["ddim", "ddpm"] = "ddim",
+        sampling: SamplingSettings = SamplingSettings(),
         generation_batch_size: int = 16,
         **kwargs,
     ) -> None:
@@ -63,7 +60,7 @@ class ARL(AlignmentModule):
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         self.experts = FrozenExperts(**rewards)
         self.candidates, self.output_dir = candidates, output_dir
-        self.sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
+        self.sampling = sampling
         self.generation_batch_size = generation_batch_size
 
     @property
@@ -72,11 +69,9 @@ class ARL(AlignmentModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         """Noise-prediction loss on the round's kept pairs (as :class:`Finetune`)."""
-        pairs = pair_batch(batch)
-        loss = self.guard_nonfinite(self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_rng()))
-        if loss is not None:
-            self.log("train/loss", loss, prog_bar=True, batch_size=len(pairs["captions"]))
-        return loss
+        pairs = batch_pairs(batch, "ARL")
+        loss = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_rng())
+        return self.finish_step(loss, batch_size=len(pairs["captions"]))
 
     def round_dir(self, round_index: int) -> Path:
         root = Path(self.output_dir) if self.output_dir else Path(self.trainer.default_root_dir) / "arl"
@@ -96,7 +91,7 @@ class ARL(AlignmentModule):
         images, scores = [], {name: [] for name in self.rewards}
         for start in range(0, k, self.generation_batch_size):
             chunk = seeds[start:start + self.generation_batch_size]
-            batch = self.sample([prompt.text] * len(chunk), chunk, **self.sampling).images
+            batch = self.sample([prompt.text] * len(chunk), chunk, self.sampling).images
             for name, s in self.score_candidates(batch, [prompt.text] * len(chunk)).items():
                 scores[name].append(s)
             images.append(batch.cpu())

@@ -36,8 +36,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from t2i_align.common import derive_seed
+from t2i_align.common import ConfigError, derive_seed
 from t2i_align.diffusion.generator import Generator, GeneratorConfig, SampleOutput
+from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.io import check_trainable_state
 
 
@@ -45,9 +46,20 @@ def _adamw(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
 
 
-def pair_batch(batch: dict) -> dict:
-    """The pair part of a training batch (the batch itself, or ``batch["pairs"]`` when prompts come too)."""
-    return batch["pairs"] if "pairs" in batch else batch
+def batch_pairs(batch: dict, method: str) -> dict:
+    """The image-caption pairs of a training batch (``batch["pairs"]``, see :class:`~t2i_align.datamodules.T2IDataModule`);
+    an error naming the config key when the data has none."""
+    if "pairs" not in batch:
+        raise ConfigError(f"{method} trains on image-caption pairs: set data.init_args.train_pairs")
+    return batch["pairs"]
+
+
+def batch_prompts(batch: dict, method: str) -> list[str]:
+    """The prompt texts of a training batch (``batch["prompts"]["prompts"]``); an error naming the config key when
+    the data has none."""
+    if "prompts" not in batch:
+        raise ConfigError(f"{method} trains on prompts: set data.init_args.train_prompts")
+    return list(batch["prompts"]["prompts"])
 
 
 class FrozenExperts:
@@ -132,19 +144,20 @@ class AlignmentModule(L.LightningModule):
         self._move_experts()
 
     # ---------------------------------------------------------------------------------- sampling
-    def sample(self, prompts: Sequence[str], seeds: Sequence[int], **sampling) -> SampleOutput:
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], sampling: SamplingSettings | None = None,
+               **kwargs) -> SampleOutput:
         """The one way this method makes images: evaluation callbacks, benchmark exports (``predict``), ARL's
-        candidates and the ToyWorld evaluation all call it. ``sampling``: :meth:`Generator.sample`'s
-        arguments (``num_inference_steps``, ``guidance_scale``, ``scheduler``, ...). A method that changes how
-        images are made (an inference-time method) overrides this, and every metric and export sees it."""
-        return self.generator.sample(prompts, seeds, **sampling)
+        candidates and the ToyWorld evaluation all call it with their own ``sampling`` settings; ``kwargs`` are
+        :meth:`Generator.sample`'s other arguments. A method that changes how images are made (an inference-time
+        method) overrides this, and every metric and export sees it."""
+        return self.generator.sample(prompts, seeds, sampling, **kwargs)
 
     def predict_step(self, batch, batch_idx: int) -> list[torch.Tensor]:
         """Images of a batch of export jobs (:class:`~t2i_align.datamodules.export.BenchmarkExportData`):
         one ``n x 3 x H x W`` tensor in [0, 1] per job (``n`` > 1 for grids)."""
         prompts = [p for p, seeds in zip(batch["prompts"], batch["seeds"]) for _ in seeds]
         seeds = [s for seeds in batch["seeds"] for s in seeds]
-        images = self.sample(prompts, seeds, **batch["sampling"]).images.float().cpu()
+        images = self.sample(prompts, seeds, SamplingSettings(**batch["sampling"])).images.float().cpu()
         return list(images.split([len(s) for s in batch["seeds"]]))
 
     # ------------------------------------------------------------------------------ validation
@@ -200,6 +213,17 @@ class AlignmentModule(L.LightningModule):
                 "Lower the learning rate, use bf16 instead of fp16, or check the data."
             )
         return None
+
+    def finish_step(self, loss: torch.Tensor, logs: dict[str, torch.Tensor] | None = None,
+                    batch_size: int = 1) -> torch.Tensor | None:
+        """The end of an automatic-optimisation ``training_step``: the non-finite guard, then ``train/loss`` (on the
+        progress bar) and ``logs``. Returns what ``training_step`` returns (None skips the update)."""
+        loss = self.guard_nonfinite(loss)
+        if loss is not None:
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+            if logs:
+                self.log_dict(logs, batch_size=batch_size)
+        return loss
 
     def manual_step(self, loss: torch.Tensor, optimizer, clip_norm: float | None = None,
                     sync: Sequence[torch.nn.Parameter] = (), count_step: bool = True) -> torch.Tensor | None:

@@ -1,4 +1,4 @@
-"""``FineStage``: RealignDiff's training-free fine semantic re-alignment (Section III-B-2, Eq. 6-10; METHODS.md §2),
+"""``FineStage``: RealignDiff's training-free fine semantic re-alignment (Section III-B-2, Eq. 6-10),
 an inference-time method. Every image is made twice with the same seed:
 
 1. the first pass: plain sampling with the loaded weights (the base, or a coarse-stage checkpoint: the ReFL
@@ -29,7 +29,6 @@ caption per region; the second pass then samples that text).
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -40,7 +39,8 @@ import torch.nn.functional as F
 from t2i_align.diffusion.attention import (
     EditContext, ScoreEdit, cross_attention_layer_names, map_size, self_attention_layer_names,
 )
-from t2i_align.diffusion.generator import Generator, SampleOutput
+from t2i_align.diffusion.generator import SampleOutput
+from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.diffusion.tokens import find_phrase
 from t2i_align.experts.likelihood import LocalJudge
 from t2i_align.experts.segmenter import Segmenter
@@ -51,7 +51,6 @@ __all__ = ["FineStage", "LocalObject", "Modulation", "SCORES", "cross_modulation
 
 SCORES = {"certain": 2.0, "may": 0.5, "unlikely": 0.0}  # Eq. 6
 ALL_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
-_SAMPLE_DEFAULTS = {k: p.default for k, p in inspect.signature(Generator.sample).parameters.items()}
 
 
 @dataclass(frozen=True)
@@ -216,16 +215,14 @@ class FineStage(AlignmentModule):
         return found[-1]
 
     # ------------------------------------------------------------------------------ modulation
-    def modulation_edits(self, objects: Sequence[Sequence[LocalObject]], sampling: dict) -> list[ScoreEdit]:
+    def modulation_edits(self, objects: Sequence[Sequence[LocalObject]], sampling: SamplingSettings) -> list[ScoreEdit]:
         """One :class:`ScoreEdit` over the modulated layers and the first steps (none when no image has an object:
         the second pass is then the first)."""
-        n = sampling.get("num_inference_steps", _SAMPLE_DEFAULTS["num_inference_steps"])
-        scheduler = self.generator.make_scheduler(sampling.get("scheduler", _SAMPLE_DEFAULTS["scheduler"]), n)
-        total = scheduler.config.num_train_timesteps
-        lams = {i: self.strength * (float(t) / total) ** self.power for i, t in enumerate(scheduler.timesteps)}
+        n = sampling.num_inference_steps
+        total = self.generator.train_scheduler.config.num_train_timesteps
         steps = set(range(min(n, math.ceil(self.step_fraction * n - 1e-9))))
         cache: dict[tuple, list[Modulation]] = {}  # built once per attention shape, on the scores' device
-        latent_side = (sampling.get("resolution") or self.generator.default_resolution) // self.generator.vae_scale_factor
+        latent_side = (sampling.resolution or self.generator.default_resolution) // self.generator.vae_scale_factor
 
         def edit(scores: torch.Tensor, ctx: EditContext) -> torch.Tensor:
             kind = "cross" if ctx.layer.endswith("attn2") else "self"
@@ -237,7 +234,8 @@ class FineStage(AlignmentModule):
                                   scores.device) for o in objects]
             per_sample = scores.view(bh // ctx.heads, ctx.heads, queries, keys)
             cond = per_sample.chunk(2)[1] if ctx.cfg else per_sample  # the conditional branch (DenseDiffusion)
-            edited = torch.stack([modulate(c, m, lams[ctx.step]) for c, m in zip(cond, cache[key])])
+            lam = self.strength * (ctx.timestep / total) ** self.power
+            edited = torch.stack([modulate(c, m, lam) for c, m in zip(cond, cache[key])])
             if ctx.cfg:
                 edited = torch.cat([per_sample.chunk(2)[0], edited])
             return edited.view(bh, queries, keys)
@@ -251,13 +249,15 @@ class FineStage(AlignmentModule):
         return [ScoreEdit(edit, names, steps)] if steps and any(objects) else []
 
     # ------------------------------------------------------------------------------ sampling
-    def sample(self, prompts: Sequence[str], seeds: Sequence[int], **sampling) -> SampleOutput:
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], sampling: SamplingSettings | None = None,
+               **kwargs) -> SampleOutput:
         """The first pass, its local dense captions, and the second pass from the same seeds."""
-        first = self.generator.sample(prompts, seeds, **{**sampling, "decode": True})
+        sampling = sampling or SamplingSettings()
+        first = self.generator.sample(prompts, seeds, sampling, **{**kwargs, "decode": True})
         texts, objects = self.local_objects(prompts, first.images.float())
         self.last_objects = objects
-        edits = [*sampling.pop("attention_edits", ()), *self.modulation_edits(objects, sampling)]
-        return self.generator.sample(texts, seeds, attention_edits=edits, **sampling)
+        edits = [*kwargs.pop("attention_edits", ()), *self.modulation_edits(objects, sampling)]
+        return self.generator.sample(texts, seeds, sampling, attention_edits=edits, **kwargs)
 
 
 def _to(m: Modulation, device: torch.device) -> Modulation:

@@ -6,18 +6,15 @@ the reward methods add on real pairs.
 
 from __future__ import annotations
 
-from t2i_align.lightning_modules.base import AlignmentModule, pair_batch
+from t2i_align.lightning_modules.base import AlignmentModule, batch_pairs
 
-__all__ = ["Finetune", "pair_batch"]
+__all__ = ["Finetune"]
 
 
 class Finetune(AlignmentModule):
     """Noise-prediction (epsilon or v) MSE on image-caption pairs (validation: the base class's held-out loss)."""
 
     def training_step(self, batch: dict, batch_idx: int):
-        pairs = pair_batch(batch)
+        pairs = batch_pairs(batch, "Finetune")
         loss = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_rng())
-        loss = self.guard_nonfinite(loss)
-        if loss is not None:
-            self.log("train/loss", loss, prog_bar=True, batch_size=len(pairs["captions"]))
-        return loss
+        return self.finish_step(loss, batch_size=len(pairs["captions"]))

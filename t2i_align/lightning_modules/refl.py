@@ -1,6 +1,7 @@
 """``ReFL``: reward feedback learning (ImageReward) as used by RealignDiff's coarse stage.
 
-One training step (METHODS.md §1):
+One training step (RealignDiff Section III-B-1, Eq. 5; the sampling chain and the hinge are ImageReward's code,
+THUDM/ImageReward, ImageReward/ReFL.py: 40 steps, m = randint(30, 39), loss relu(2 - r)):
 
 1. sample the batch's prompts with the ``refl`` gradient policy: steps ``0 .. m-1`` without gradient,
    ``m ~ U[min_step, max_step]``, one UNet call with gradient at step ``m``, then x0 predicted in one
@@ -21,18 +22,9 @@ from typing import Literal
 import torch
 
 from t2i_align.diffusion.policies import ReFLPolicy
-from t2i_align.lightning_modules.base import AlignmentModule, FrozenExperts
+from t2i_align.diffusion.sampling import SamplingSettings
+from t2i_align.lightning_modules.base import AlignmentModule, FrozenExperts, batch_pairs, batch_prompts
 from t2i_align.rewards.base import Reward
-
-
-def prompt_list(batch: dict) -> list[str]:
-    """The prompts of a training batch (prompts only, or ``{"prompts": ..., "pairs": ...}``)."""
-    prompts = batch.get("prompts")
-    if isinstance(prompts, dict):
-        prompts = prompts.get("prompts")
-    if prompts is None:
-        raise ValueError("ReFL needs training prompts: set data.init_args.train_prompts")
-    return list(prompts)
 
 
 class ReFL(AlignmentModule):
@@ -44,13 +36,14 @@ class ReFL(AlignmentModule):
         reward_weight: lambda (1e-3 in ImageReward and RealignDiff).
         reward_loss: ``relu_margin`` (ReLU(margin - r)) or ``linear`` (-r).
         margin: the hinge of ``relu_margin`` (2.0 as in ImageReward's code).
-        num_inference_steps: T of the sampling chain (ImageReward's code 40, RealignDiff 50).
+        sampling: the training chain: T = ``num_inference_steps`` (ImageReward's code 40, RealignDiff 50), its
+            ``scheduler`` (``ddpm`` as in ImageReward's code, or ``ddim``) and CFG (1.0: none, as in ImageReward's
+            code).
         min_step: first step the grad step m can be (ImageReward: 30 of 40).
         max_step: last step the grad step m can be (ImageReward: 39 of 40).
-        scheduler: sampler of the chain (``ddpm`` as in ImageReward's code, or ``ddim``).
-        guidance_scale: CFG while sampling (1.0: none, as in ImageReward's code).
         pretrain_loss: ``sum`` (reward loss + L_pre every step), ``alternate`` (odd batches reward, even
-            batches L_pre) or ``none`` (no L_pre: images drift from the base model's, METHODS §1).
+            batches L_pre) or ``none`` (no L_pre: images drift from the base model's; RealignDiff Section III-B-1
+            adds L_pre, Eq. 5, against overfitting).
         pretrain_weight: weight of L_pre.
     """
 
@@ -61,11 +54,9 @@ class ReFL(AlignmentModule):
         reward_weight: float = 1e-3,
         reward_loss: Literal["relu_margin", "linear"] = "relu_margin",
         margin: float = 2.0,
-        num_inference_steps: int = 40,
+        sampling: SamplingSettings = SamplingSettings(num_inference_steps=40, guidance_scale=1.0, scheduler="ddpm"),
         min_step: int = 30,
         max_step: int = 39,
-        scheduler: Literal["ddpm", "ddim"] = "ddpm",
-        guidance_scale: float = 1.0,
         pretrain_loss: Literal["sum", "alternate", "none"] = "sum",
         pretrain_weight: float = 1.0,
         **kwargs,
@@ -81,9 +72,9 @@ class ReFL(AlignmentModule):
         self.experts = FrozenExperts(reward=reward)
         self.reward_weight, self.reward_loss, self.margin = reward_weight, reward_loss, margin
         self.policy = ReFLPolicy(min_step, max_step)
-        if max_step >= num_inference_steps:
-            raise ValueError(f"max_step={max_step} must be < num_inference_steps={num_inference_steps}")
-        self.sampling = dict(num_inference_steps=num_inference_steps, scheduler=scheduler, guidance_scale=guidance_scale)
+        if max_step >= sampling.num_inference_steps:
+            raise ValueError(f"max_step={max_step} must be < sampling.num_inference_steps={sampling.num_inference_steps}")
+        self.sampling = sampling
         self.pretrain_loss, self.pretrain_weight = pretrain_loss, pretrain_weight
 
     @property
@@ -97,7 +88,7 @@ class ReFL(AlignmentModule):
     def refl_loss(self, prompts: list[str], rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(reward loss, rewards, grad step m) for one batch of prompts; noise and m come from ``rng``."""
         seeds = torch.randint(0, 2**62, (len(prompts),), generator=rng).tolist()
-        out = self.generator.sample(prompts, seeds, policy=self.policy, policy_rng=rng, **self.sampling)
+        out = self.generator.sample(prompts, seeds, self.sampling, policy=self.policy, policy_rng=rng)
         rewards = self.reward(out.images, prompts)
         return self.reward_weight * self.phi(rewards).mean(), rewards, out.plan_grad_steps[0]
 
@@ -109,22 +100,14 @@ class ReFL(AlignmentModule):
         loss = torch.zeros((), device=self.device)
         logs = {}
         if reward_turn:
-            prompts = prompt_list(batch)
+            prompts = batch_prompts(batch, "ReFL")
             reward_loss, rewards, m = self.refl_loss(prompts, rng)
             loss = loss + reward_loss
             logs.update({"train/reward": rewards.detach().mean(), "train/reward_loss": reward_loss.detach(),
                          "train/refl_step": float(m)})
         if pre_turn:
-            if "pairs" not in batch:
-                raise ValueError("ReFL with pretrain_loss='%s' needs real image-caption pairs for L_pre: set "
-                                 "data.init_args.train_pairs (or pretrain_loss: none)" % self.pretrain_loss)
-            pairs = batch["pairs"]
+            pairs = batch_pairs(batch, f"ReFL with pretrain_loss={self.pretrain_loss!r} (L_pre; or pretrain_loss: none)")
             pre = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], rng)
             loss = loss + self.pretrain_weight * pre
             logs["train/pretrain_loss"] = pre.detach()
-        loss = self.guard_nonfinite(loss)
-        if loss is not None:
-            self.log("train/loss", loss, prog_bar=True, batch_size=1)
-            for key, value in logs.items():
-                self.log(key, value, batch_size=1)
-        return loss
+        return self.finish_step(loss, logs)

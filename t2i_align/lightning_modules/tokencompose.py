@@ -1,5 +1,6 @@
 """``TokenCompose``: the denoising loss plus token- and pixel-level grounding of each noun's cross-attention to
-its segmentation mask (Wang et al., CVPR 2024, Eq. 5-7; METHODS.md §4).
+its segmentation mask (Wang et al., CVPR 2024, Section 3, Eq. 5-7; the authors' code: mlpc-ucsd/TokenCompose,
+train/src/train_token_compose.py, settings in train/train.sh).
 
     L = L_LDM + sum over the supervised resolutions r of (token_weight * L_token(A_r) + pixel_weight * L_pixel(A_r))
 
@@ -22,7 +23,7 @@ import torch
 from t2i_align.diffusion import attention_losses as al
 from t2i_align.diffusion.attention import DEFAULT_LAYER_PREFIXES, AttentionStore, cross_attention_layer_names
 from t2i_align.diffusion.tokens import find_phrase
-from t2i_align.lightning_modules.base import AlignmentModule, pair_batch
+from t2i_align.lightning_modules.base import AlignmentModule, batch_pairs
 
 __all__ = ["TokenCompose", "grounding_losses", "noun_groundings"]
 
@@ -82,7 +83,7 @@ class TokenCompose(AlignmentModule):
         self._capturing = False
 
     def training_step(self, batch: dict, batch_idx: int):
-        pairs = pair_batch(batch)
+        pairs = batch_pairs(batch, "TokenCompose")
         if pairs.get("masks") is None:
             raise ValueError("TokenCompose needs per-noun masks: train_pairs must be a metadata.jsonl whose records "
                              "have an \"attn_list\" (configs/data/tokencompose_pairs.yaml)")
@@ -96,10 +97,5 @@ class TokenCompose(AlignmentModule):
                       for caption, masks, sample_id in zip(pairs["captions"], pairs["masks"], pairs["ids"])]
         token, pixel = grounding_losses(out.attention, groundings, self.resolutions)
         loss = out.loss + self.token_weight * token.mean() + self.pixel_weight * pixel.mean()
-        loss = self.guard_nonfinite(loss)
-        if loss is not None:
-            n = len(pairs["captions"])
-            self.log("train/loss", loss, prog_bar=True, batch_size=n)
-            self.log_dict({"train/ldm": out.loss.detach(), "train/token": token.detach().mean(),
-                           "train/pixel": pixel.detach().mean()}, batch_size=n)
-        return loss
+        logs = {"train/ldm": out.loss.detach(), "train/token": token.detach().mean(), "train/pixel": pixel.detach().mean()}
+        return self.finish_step(loss, logs, batch_size=len(pairs["captions"]))

@@ -1,10 +1,12 @@
 """The reward interface shared by ReFL, ARL and evaluation: ``reward(images, prompts) -> Tensor[B]``.
 
 ``images`` are float ``B x 3 x H x W`` in [0, 1] (decoded, not rounded to uint8), one prompt per image;
-higher is better. A reward is a frozen ``torch.nn.Module``: as a child of a LightningModule it follows
-the module's device, and the adapter-only checkpoints of :class:`AlignmentModule` leave it out.
-``differentiable`` says whether the gradient of the score reaches the pixels (ReFL needs it; ranking
-and evaluation do not).
+higher is better. A reward is a ``torch.nn.Module`` that a method keeps frozen and *outside* its module
+tree, in ``self.experts = FrozenExperts(reward=...)``
+(:class:`~t2i_align.lightning_modules.base.FrozenExperts`): DDP does not broadcast it, checkpoints do not
+hold it, ``module.train()`` does not switch its dropout on, and :class:`AlignmentModule` moves it to the
+module's device when fit, validate, test or predict start. ``differentiable`` says whether the gradient of
+the score reaches the pixels (ReFL needs it; ranking and evaluation do not).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Exact form (ranking, evaluation): a BLIP captioner writes a greedy caption; a CL
 caption and prompt (FineRewards' code uses a CLIP text tower; the paper BLIP-2's text encoder);
 ``R = cos(T(caption), T(prompt))``. The caption is discrete text, so this score has no gradient.
 
-Differentiable form for ReFL (``differentiable: true``; METHODS.md §1): the caption is still generated
+Differentiable form for ReFL (``differentiable: true``; this project's construction: Eq. 4 as written has no
+gradient path, and RealignDiff's Eq. 5 trains on it with ReFL): the caption is still generated
 without gradient, then the captioner's own text decoder embeds it *grounded in the image* (its
 cross-attention reads the image features, so the embedding depends on the pixels), and the prompt the
 same way; ``g = cos(D(caption | image), D(prompt | image))`` (mean-pooled last hidden states). The score

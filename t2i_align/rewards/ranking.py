@@ -1,8 +1,8 @@
 """Assemble reward-ranked selection (FineRewards' ARL): rank the K candidates of a prompt under each
 reward (1 = best, ties share the average of their ranks), sum the ranks over rewards, keep the smallest sum.
 
-FineRewards' public notebook sums argsort *indices* instead of ranks and scores candidates against the
-wrong prompts (METHODS.md §1); here each candidate is scored against its own prompt by the caller, and
+FineRewards' public notebook (Enderfga/FineRewards, ``FineRewards-RAFT.ipynb``, ``get_max_score``) sums argsort
+*indices* instead of ranks and scores candidate ``i`` of a prompt against the batch's ``i``-th prompt; here each candidate is scored against its own prompt by the caller, and
 ranks are proper ranks.
 """
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from t2i_align.datamodules.export import LAYOUTS, get_layout as layout
+from t2i_align.datamodules.export import LAYOUTS
+from t2i_align.datamodules.export import get_layout as layout
 from t2i_align.datamodules.prompts import Prompt, read_prompts
 
 FILES = {

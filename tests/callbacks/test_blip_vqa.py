@@ -10,7 +10,12 @@ from t2i_align.experts.vqa import BlipVQA, VQAModel
 def tiny_vqa(tmp_path_factory):
     from transformers import BlipConfig, BlipForQuestionAnswering, BlipProcessor
 
-    from t2i_align.toyworld.experts.captioner import DEC, build_captioner_tokenizer, caption_vocabulary, image_processor
+    from t2i_align.toyworld.experts.captioner import (
+        DEC,
+        build_captioner_tokenizer,
+        caption_vocabulary,
+        image_processor,
+    )
 
     folder = tmp_path_factory.mktemp("blip_vqa")
     tokenizer = build_captioner_tokenizer(folder / "tok")

@@ -17,7 +17,7 @@ PROMPTS = ["a red circle", "a blue square", "two green stars", "a yellow triangl
 
 
 def eval_yaml(path: Path, out: Path, prompts: Path, reference: Path, clip: str) -> str:
-    shared = {"prompts": [{"path": str(prompts)}], "num_inference_steps": 2, "guidance_scale": 3.0, "batch_size": 2}
+    shared = {"prompts": [{"path": str(prompts)}], "sampling": {"num_inference_steps": 2, "guidance_scale": 3.0}, "batch_size": 2}
     callbacks = [
         {"class_path": "tests.helpers.RecordEvaluation",
          "init_args": {"out_dir": str(out / "eval"), "log_samples": 3, **shared}},

@@ -31,7 +31,7 @@ def predict(tiny_sd, prompts: Path, name: str, out: Path, extra=()) -> None:
         f"--data.init_args.prompts.path={prompts}",
         f"--data.init_args.layout={name}",
         f"--data.init_args.output_dir={out}",
-        "--data.init_args.num_inference_steps=2",
+        "--data.init_args.sampling.num_inference_steps=2",
         "--data.init_args.batch_size=3",
         "--trainer.callbacks+=t2i_align.callbacks.benchmark_export.BenchmarkWriter",
         "--trainer.logger=false",
@@ -85,7 +85,7 @@ def test_an_export_folder_is_reused_only_for_the_same_recipe(tiny_sd, tmp_path):
     other_prompts.write_text("a red car\na green bench\n")
     changes = {
         "prompts": (other_prompts, []),
-        "sampling": (prompts, ["--data.init_args.guidance_scale=3.0"]),
+        "sampling": (prompts, ["--data.init_args.sampling.guidance_scale=3.0"]),
         "weights": (prompts, ["--model.init_args.generator.lora.init=gaussian"]),  # other (random) LoRA weights
     }
     for what, (prompt_file, extra) in changes.items():

@@ -4,6 +4,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers.logger import Logger
 
+from t2i_align.diffusion.sampling import SamplingSettings
 from tests.helpers import RecordEvaluation, RenderingModule
 
 
@@ -37,7 +38,7 @@ def test_samples_grid_and_table(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\na green star\n")
     callback = RecordEvaluation(str(tmp_path / "rec"), prompts=[{"path": str(prompts)}], images_per_prompt=2,
-                                batch_size=4, log_samples=5, num_inference_steps=3)
+                                batch_size=4, log_samples=5, sampling=SamplingSettings(3))
     logger = TableLogger()
     trainer = L.Trainer(accelerator="cpu", logger=logger, callbacks=[callback], default_root_dir=tmp_path,
                         enable_progress_bar=False, enable_model_summary=False)

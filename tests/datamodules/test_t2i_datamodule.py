@@ -54,12 +54,15 @@ def test_prompts_only_without_trainer(prompt_files) -> None:
     dm = make_dm(prompt_files)
     dm.setup("fit")
     assert (dm.world_size, dm.rank) == (1, 0)
-    loader = dm.train_dataloader()
+    combined = dm.train_dataloader()
+    loader = combined.iterables["prompts"]  # the one shape: loaders (and batches) by name, also for one kind
+    assert isinstance(combined, CombinedLoader) and set(combined.iterables) == {"prompts"}
     assert isinstance(loader, DataLoader) and isinstance(loader.sampler, StreamSampler)
     with pytest.raises(TypeError):
         len(loader)
-    batch = take(loader, 1)[0]
-    assert set(batch) == {"prompts", "ids", "sources"} and len(batch["prompts"]) == 2
+    batch = take(combined, 1)[0]
+    assert set(batch) == {"prompts"} and set(batch["prompts"]) == {"prompts", "ids", "sources"}
+    assert len(batch["prompts"]["prompts"]) == 2
     assert loader.sampler.weights is not None  # two sources -> weighted mixing
     assert dm.val_dataloader() == []
 
@@ -68,10 +71,11 @@ def test_pairs_only_and_two_loader_dict_batch(prompt_files, make_pair_jsonl) -> 
     pairs = make_pair_jsonl(3)
     dm = make_dm(None, pairs)
     batch = take(dm.train_dataloader(), 1)[0]  # setup() is called lazily
+    assert set(batch) == {"pairs"}
     assert (
-        batch["pixel_values"].shape == (2, 3, 8, 8)
-        and len(batch["captions"]) == 2
-        and len(batch["masks"]) == 2
+        batch["pairs"]["pixel_values"].shape == (2, 3, 8, 8)
+        and len(batch["pairs"]["captions"]) == 2
+        and len(batch["pairs"]["masks"]) == 2
     )
     both = make_dm(prompt_files, pairs)
     both.setup("fit")
@@ -86,17 +90,17 @@ def test_pairs_only_and_two_loader_dict_batch(prompt_files, make_pair_jsonl) -> 
 def test_ranks_split_the_single_process_stream(prompt_files) -> None:
     single = make_dm(prompt_files, batch_size=6)
     single.setup("fit")
-    expected = ids(take(single.train_dataloader(), 4, single))
+    expected = ids(take(single.train_dataloader(), 4, single), "prompts")
     per_rank = []
     dms = [make_dm(prompt_files, batch_size=2) for _ in range(3)]
     for r, dm in enumerate(dms):
         dm.setup("fit")
         dm.world_size, dm.rank = 3, r  # what setup() reads from trainer.world_size / global_rank
         per_rank.append(take(dm.train_dataloader(), 4, dm))
-    got = [i for step in range(4) for r in range(3) for i in per_rank[r][step]["ids"]]
-    sources = [s for step in range(4) for r in range(3) for s in per_rank[r][step]["sources"]]
+    got = [i for step in range(4) for r in range(3) for i in per_rank[r][step]["prompts"]["ids"]]
+    sources = [s for step in range(4) for r in range(3) for s in per_rank[r][step]["prompts"]["sources"]]
     single_sources = [
-        s for b in take(make_dm(prompt_files, batch_size=6).train_dataloader(), 4) for s in b["sources"]
+        s for b in take(make_dm(prompt_files, batch_size=6).train_dataloader(), 4) for s in b["prompts"]["sources"]
     ]
     assert list(zip(got, sources, strict=True)) == list(zip(expected, single_sources, strict=True))
     assert dms[0].state_dict() == single.state_dict()
@@ -179,7 +183,7 @@ class Recorder(L.LightningModule):
         self.val_batches = 0
 
     def training_step(self, batch, batch_idx):
-        self.seen.append(list(batch["ids"]))
+        self.seen.append(list(batch["prompts"]["ids"]))
         return (self.weight**2).sum()
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -219,7 +223,7 @@ def fit(tmp_path: Path, prompt_file: str, hook: str, max_steps: int, ckpt: str |
         callbacks=[ModelCheckpoint(dirpath=tmp_path / hook, every_n_train_steps=2, save_top_k=-1)],
     )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
-    assert isinstance(trainer.train_dataloader.sampler, StreamSampler)  # Lightning kept our sampler
+    assert isinstance(trainer.train_dataloader["prompts"].sampler, StreamSampler)  # Lightning kept our sampler
     return model
 
 

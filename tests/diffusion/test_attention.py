@@ -11,6 +11,7 @@ from t2i_align.diffusion.attention import (
 )
 from t2i_align.diffusion.generator import Generator, GeneratorConfig
 from t2i_align.diffusion.policies import Strided
+from t2i_align.diffusion.sampling import SamplingSettings
 
 
 def make(path, **kw) -> Generator:
@@ -56,12 +57,12 @@ def test_capture_output_equals_sdpa_and_maps_are_distributions(tiny_sd):
 
 def test_cfg_keeps_the_conditional_half_only(tiny_sd):
     gen = make(tiny_sd)
-    kw = dict(num_inference_steps=3, decode=False)
+    cfg, no_cfg = SamplingSettings(num_inference_steps=3, guidance_scale=5.0), SamplingSettings(3, guidance_scale=1.0)
     with torch.no_grad():
-        out = gen.sample(["a red circle"], [0], guidance_scale=5.0, record_attention=[0, 2], **kw)
+        out = gen.sample(["a red circle"], [0], cfg, record_attention=[0, 2], decode=False)
         # Step 0 sees the same latents in all three runs: the CFG run's kept maps must be the prompt's.
-        cond = gen.sample(["a red circle"], [0], guidance_scale=1.0, record_attention=[0], **kw)
-        uncond = gen.sample([""], [0], guidance_scale=1.0, record_attention=[0], **kw)
+        cond = gen.sample(["a red circle"], [0], no_cfg, record_attention=[0], decode=False)
+        uncond = gen.sample([""], [0], no_cfg, record_attention=[0], decode=False)
     assert out.attention.steps == [0, 2]
     assert all(m.shape[0] == 1 for m in out.attention.layers(2).values())
     for name, m in out.attention.layers(0).items():
@@ -73,7 +74,7 @@ def test_maps_carry_gradient_under_checkpointing(tiny_sd):
     grads = []
     for ckpt in (False, True):
         gen = make(tiny_sd, gradient_checkpointing=ckpt)
-        out = gen.sample(["a red circle"], [0], num_inference_steps=6, guidance_scale=3.0, policy=Strided(2, 2),
+        out = gen.sample(["a red circle"], [0], SamplingSettings(6, guidance_scale=3.0), policy=Strided(2, 2),
                          policy_rng=torch.Generator().manual_seed(0), record_attention=True, decode=False)
         assert len(out.attention.steps) == 2  # both grad steps, each under its own key
         loss = sum((m[..., 1:4] ** 2).sum() for step in out.attention.steps for m in out.attention.layers(step).values())
@@ -94,16 +95,19 @@ def test_identity_edit_reproduces_plain_sampling_and_capture_works_in_the_same_c
     cross = cross_attention_layer_names(gen.unet)
     selfs = self_attention_layer_names(gen.unet)
     seen = []
-    identity = ScoreEdit(lambda scores, ctx: seen.append((ctx.layer, ctx.step)) or scores, cross, steps={0, 2})
+    identity = ScoreEdit(lambda scores, ctx: seen.append((ctx.layer, ctx.step, ctx.timestep)) or scores, cross, steps={0, 2})
     everywhere = ScoreEdit(lambda scores, ctx: scores, [*cross, *selfs])
-    kw = dict(num_inference_steps=4, guidance_scale=5.0, decode=False)
+    sampling = SamplingSettings(num_inference_steps=4, guidance_scale=5.0)
+    kw = dict(sampling=sampling, decode=False)
     prompts, seeds = ["a red circle", "two green stars"], [0, 1]
     with torch.no_grad():
         plain = gen.sample(prompts, seeds, **kw).latents
         captured = gen.sample(prompts, seeds, record_attention=[0, 2], **kw)
         edited = gen.sample(prompts, seeds, record_attention=[0, 2], attention_edits=[identity], **kw)
         edited_everywhere = gen.sample(prompts, seeds, attention_edits=[everywhere], **kw).latents
-    assert {step for _, step in seen} == {0, 2} and {layer for layer, _ in seen} == set(cross)
+    assert {step for _, step, _ in seen} == {0, 2} and {layer for layer, _, _ in seen} == set(cross)
+    timesteps = gen.make_scheduler(sampling).timesteps.tolist()  # an edit is told the timestep of its step
+    assert {(step, t) for _, step, t in seen} == {(0, timesteps[0]), (2, timesteps[2])}
     assert torch.equal(edited.latents, captured.latents)
     for step in (0, 2):
         for name, m in captured.attention.layers(step).items():
@@ -124,7 +128,7 @@ def test_an_edit_changes_the_scores_of_its_layers_and_steps_only(tiny_sd):
         cond[..., 1] = float("-inf")
         return scores
 
-    kw = dict(num_inference_steps=3, guidance_scale=5.0, decode=False, record_attention=[0, 1])
+    kw = dict(sampling=SamplingSettings(3, guidance_scale=5.0), decode=False, record_attention=[0, 1])
     with torch.no_grad():
         base = gen.sample(["a red circle"], [0], **kw)
         edited = gen.sample(["a red circle"], [0], attention_edits=[ScoreEdit(block_token_1, [layer], steps={1})], **kw)
@@ -139,7 +143,7 @@ def test_an_edit_changes_the_scores_of_its_layers_and_steps_only(tiny_sd):
 
 def test_step_hook_sees_every_step_and_can_replace_the_latents(tiny_sd):
     gen = make(tiny_sd)
-    kw = dict(num_inference_steps=4, guidance_scale=3.0, decode=False)
+    kw = dict(sampling=SamplingSettings(4, guidance_scale=3.0), decode=False)
     calls = []
     with torch.no_grad():
         plain = gen.sample(["a red circle"], [0], **kw).latents

@@ -7,6 +7,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from t2i_align.diffusion.generator import Generator, GeneratorConfig, LoraSettings, seeded_generators
 from t2i_align.diffusion.loading import ModelLoadError, load_sd_components
 from t2i_align.diffusion.policies import LastK, NoGrad, ReFLPolicy, Strided
+from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.diffusion.tiny import build_tiny_components
 
 
@@ -106,7 +107,7 @@ def test_denoising_forward_returns_the_maps_of_its_own_forward(tiny_sd):
     randomise_lora(gen)
     pix = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
-        sampled = gen.sample(["a red circle"], [0], num_inference_steps=3, record_attention=[0, 1, 2], decode=False)
+        sampled = gen.sample(["a red circle"], [0], sampling=SamplingSettings(num_inference_steps=3), record_attention=[0, 1, 2], decode=False)
     out = gen.denoising_forward(pix, ["a red circle", "two blue squares", "a star"], torch.Generator().manual_seed(1),
                                 record_attention=True)
     assert out.attention.steps == [0]  # nothing left over from the sampling call's three steps
@@ -151,9 +152,9 @@ def test_one_step_x0_prediction_inverts_forward_process(tiny_sd, tiny_sd_v, pred
 def test_noise_is_per_sample_and_batch_independent(tiny_sd):
     gen = make(tiny_sd)
     with torch.no_grad():
-        both = gen.sample(["a red circle", "a blue square"], [11, 12], num_inference_steps=4).images
-        alone = gen.sample(["a blue square"], [12], num_inference_steps=4).images
-        other = gen.sample(["a blue square"], [13], num_inference_steps=4).images
+        both = gen.sample(["a red circle", "a blue square"], [11, 12], sampling=SamplingSettings(num_inference_steps=4)).images
+        alone = gen.sample(["a blue square"], [12], sampling=SamplingSettings(num_inference_steps=4)).images
+        other = gen.sample(["a blue square"], [13], sampling=SamplingSettings(num_inference_steps=4)).images
     # batch-size dependent float reductions (thread count, kernels) leave ~1e-5; another seed moves pixels by > 1e-2
     torch.testing.assert_close(both[1:], alone, atol=1e-4, rtol=1e-4)
     assert (alone - other).abs().max() > 1e-2
@@ -165,7 +166,7 @@ def test_samplers_do_not_clip_latents(tiny_sd, kind):
     """SD configs say clip_sample=false; DDIM/DDPM default to clipping x0 to [-1, 1], which wipes out latent
     content beyond that range (ToyWorld samples lost their colours this way)."""
     generator = Generator(GeneratorConfig(pretrained=tiny_sd, lora=None))
-    scheduler = generator.make_scheduler(kind, 10)
+    scheduler = generator.make_scheduler(SamplingSettings(10, scheduler=kind))
     t = scheduler.timesteps[-2]  # a late step: x0 ~ x_t
     x = torch.full((1, 4, 2, 2), 3.0)
     out = scheduler.step(torch.zeros_like(x), t, x, generator=torch.Generator().manual_seed(0))
@@ -175,9 +176,9 @@ def test_samplers_do_not_clip_latents(tiny_sd, kind):
 def test_ddpm_and_ddim_both_sample_and_differ(tiny_sd):
     gen = make(tiny_sd)
     with torch.no_grad():
-        ddim = gen.sample(["x"], [0], num_inference_steps=4, scheduler="ddim").latents
-        ddpm = gen.sample(["x"], [0], num_inference_steps=4, scheduler="ddpm").latents
-        ddpm2 = gen.sample(["x"], [0], num_inference_steps=4, scheduler="ddpm").latents
+        ddim = gen.sample(["x"], [0], sampling=SamplingSettings(num_inference_steps=4, scheduler="ddim")).latents
+        ddpm = gen.sample(["x"], [0], sampling=SamplingSettings(num_inference_steps=4, scheduler="ddpm")).latents
+        ddpm2 = gen.sample(["x"], [0], sampling=SamplingSettings(num_inference_steps=4, scheduler="ddpm")).latents
     assert not torch.allclose(ddim, ddpm)
     torch.testing.assert_close(ddpm, ddpm2)  # DDPM's step noise is seeded per sample too
 
@@ -190,7 +191,7 @@ def test_gradient_policy_decides_which_unet_calls_carry_gradient(tiny_sd, policy
     gen = make(tiny_sd)
     randomise_lora(gen)
     calls, handle = count_grad_unet_calls(gen)
-    out = gen.sample(["a red circle"], [0], num_inference_steps=steps, guidance_scale=1.0, policy=policy)
+    out = gen.sample(["a red circle"], [0], sampling=SamplingSettings(num_inference_steps=steps, guidance_scale=1.0), policy=policy)
     handle.remove()
     assert sum(grad for grad, _ in calls) == expected
     if isinstance(policy, ReFLPolicy):
@@ -206,12 +207,12 @@ def test_refl_gradient_comes_from_the_chosen_step_only(tiny_sd):
     """Gradients through ReFL equal the gradient of the one grad-enabled call, with its input detached."""
     gen = make(tiny_sd)
     randomise_lora(gen)
-    out = gen.sample(["a red circle"], [0], num_inference_steps=8, guidance_scale=1.0, policy=ReFLPolicy(5, 5))
+    out = gen.sample(["a red circle"], [0], sampling=SamplingSettings(num_inference_steps=8, guidance_scale=1.0), policy=ReFLPolicy(5, 5))
     out.latents.sum().backward()
     grads = [p.grad.clone() for p in gen.trainable_parameters()]
     # Recompute by hand: no-grad chain to step 5, then one grad call and the x0 formula.
     gen.zero_grad()
-    sched = gen.make_scheduler("ddim", 8)
+    sched = gen.make_scheduler(SamplingSettings(8, scheduler="ddim"))
     emb = gen.encode_prompts(["a red circle"])
     x = randn_tensor((1, 4, 16, 16), generator=seeded_generators([0]), dtype=torch.float32)
     with torch.no_grad():
@@ -229,7 +230,7 @@ def test_strided_detach_input_cuts_the_chain_into_the_unet(tiny_sd):
     randomise_lora(gen)
     for detach in (False, True):
         calls, handle = count_grad_unet_calls(gen)
-        gen.sample(["x"], [0], num_inference_steps=6, guidance_scale=1.0, policy=Strided(2, 2, detach_input=detach))
+        gen.sample(["x"], [0], sampling=SamplingSettings(num_inference_steps=6, guidance_scale=1.0), policy=Strided(2, 2, detach_input=detach))
         handle.remove()
         inputs_with_grad = [req for grad, req in calls if grad]
         # the second grad step's input depends on the first grad step unless detached
@@ -258,7 +259,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd):
         gen = make(tiny_sd, gradient_checkpointing=ckpt)
         randomise_lora(gen)
         pol = Strided(2, 2)
-        out = gen.sample(["a red circle"], [0], num_inference_steps=6, policy=pol, policy_rng=torch.Generator().manual_seed(1))
+        out = gen.sample(["a red circle"], [0], sampling=SamplingSettings(num_inference_steps=6), policy=pol, policy_rng=torch.Generator().manual_seed(1))
         out.images.mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in gen.trainable_parameters()]))
     assert grads[0].abs().sum() > 0

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from t2i_align.diffusion.generator import Generator, GeneratorConfig, LoraSettings
 from t2i_align.diffusion.lora import LORA_WEIGHT_NAME, export_lora, export_trained_weights, load_lora
+from t2i_align.diffusion.sampling import SamplingSettings
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PROMPTS, SEEDS = ["a red circle", "two blue squares"], [5, 6]
@@ -52,7 +53,7 @@ def lora_generator(tiny_sd: str, targets: list[str]) -> Generator:
 
 def own_images(gen: Generator) -> torch.Tensor:
     with torch.no_grad():
-        return gen.sample(PROMPTS, SEEDS, scheduler="ddim", **SAMPLING).images
+        return gen.sample(PROMPTS, SEEDS, SamplingSettings(scheduler="ddim", **SAMPLING)).images
 
 
 def pipeline_images(pipe: StableDiffusionPipeline) -> torch.Tensor:

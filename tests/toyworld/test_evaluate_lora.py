@@ -9,10 +9,11 @@ import torch
 import yaml
 from PIL import Image
 
+from t2i_align.commands.toyworld_evaluate import main
 from t2i_align.common import image_grid
 from t2i_align.diffusion.generator import Generator, GeneratorConfig, LoraSettings
 from t2i_align.diffusion.lora import export_trained_weights
-from t2i_align.commands.toyworld_evaluate import main
+from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.toyworld.evaluation.scoring import load_items
 from t2i_align.toyworld.splits import eval_prompt_sets, write_prompts
 from tests.helpers import REPO_ROOT
@@ -24,8 +25,8 @@ STEPS, GUIDANCE = 3, 5.0  # evaluate's default guidance; few steps keep the test
 
 def grid_of(generator: Generator, items) -> np.ndarray:
     with torch.no_grad():
-        images = generator.sample([it.prompt for it in items], [it.seed for it in items], num_inference_steps=STEPS,
-                                  guidance_scale=GUIDANCE, scheduler="ddim").images
+        images = generator.sample([it.prompt for it in items], [it.seed for it in items],
+                                  SamplingSettings(STEPS, guidance_scale=GUIDANCE, scheduler="ddim")).images
     return np.asarray(image_grid(list(images)), dtype=int)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from t2i_align.callbacks.toyworld import ToyWorldEvaluation
+from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.toyworld.evaluation.scoring import load_items, metric_keys, score_items, summarise
 from t2i_align.toyworld.experts.judge import ToyJudge
 from t2i_align.toyworld.splits import eval_prompt_sets, write_prompts
@@ -52,7 +53,7 @@ def test_callback_logs_toy_metrics_and_a_grid(prompts_dir, tmp_path):
     assert metrics["val/toy/all_clauses"] == 1.0 and metrics["val/toy/multi_object/mg4"] == 1.0
     prompts_seen = [p for call in module.generator.calls for p in call[0]]
     assert len(prompts_seen) == 14 and len(set(zip(prompts_seen, [s for c in module.generator.calls for s in c[1]]))) == 14
-    assert module.generator.calls[0][2] == {"num_inference_steps": 25, "guidance_scale": 5.0, "scheduler": "ddim"}
+    assert module.generator.calls[0][2] == SamplingSettings(25, guidance_scale=5.0, scheduler="ddim")
     assert (tmp_path / "samples" / "toy" / "step_0.png").exists()
 
 
@@ -107,6 +108,7 @@ def test_callback_compares_before_and_after_fit(prompts_dir, tmp_path, caplog):
     assert report["before"]["color_binding/all_clauses"] < 0.5
     assert report["after"]["color_binding/all_clauses"] == 1.0 and report["step"] == 2
     assert module.modes_while_training == [True, True]  # evaluation left training mode as it found it
-    table = next(r.getMessage() for r in caplog.records if "ToyWorld evaluation" in r.getMessage())
-    row = next(line for line in table.splitlines() if line.startswith("color_binding/all_clauses"))
-    assert row.split()[2:] == ["1.000", f"{1 - report['before']['color_binding/all_clauses']:+.3f}"]
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("ToyWorld, before -> after"))
+    row = next(line for line in summary.splitlines() if line.split()[0] == "all_clauses")
+    assert row.split()[1:4] == [f"{report['before']['all_clauses']:.3f}", "1.000",
+                                f"{1 - report['before']['all_clauses']:+.3f}"]

@@ -5,8 +5,15 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from t2i_align.diffusion.generator import Generator, GeneratorConfig
+from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.toyworld.experts.clip_model import train_clip
-from t2i_align.toyworld.pretraining.sd import LATENT_CHANNELS, assemble_pipeline, export_text_encoder, train_unet, train_vae
+from t2i_align.toyworld.pretraining.sd import (
+    LATENT_CHANNELS,
+    assemble_pipeline,
+    export_text_encoder,
+    train_unet,
+    train_vae,
+)
 
 
 def test_stages_chain_into_a_loadable_pipeline(tmp_path):
@@ -21,9 +28,9 @@ def test_stages_chain_into_a_loadable_pipeline(tmp_path):
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     gen = Generator(GeneratorConfig(pretrained=str(pipe_dir)))
     with torch.no_grad():
-        out = gen.sample(["a red circle"], [0], num_inference_steps=2)
+        out = gen.sample(["a red circle"], [0], sampling=SamplingSettings(num_inference_steps=2))
     assert out.images.shape == (1, 3, 64, 64) and out.latents.shape == (1, LATENT_CHANNELS, 8, 8)
-    image = pipe("a red circle", num_inference_steps=2, output_type="np",
+    image = pipe("a red circle", sampling=SamplingSettings(num_inference_steps=2), output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3)
 

@@ -10,6 +10,7 @@ import torch
 from t2i_align.cli import main as cli_main
 from t2i_align.datamodules.prompts import Prompt
 from t2i_align.diffusion.generator import GeneratorConfig, LoraSettings
+from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.lightning_modules import ARL
 from t2i_align.rewards import Reward
 from t2i_align.rewards.ranking import average_ranks, rank_sum, select_candidates
@@ -63,7 +64,7 @@ class PromptRecorder(Reward):
 
 def arl(tiny_sd, tmp_path, **kwargs):
     return ARL(generator=GeneratorConfig(pretrained=tiny_sd, lora=LoraSettings(rank=4)),
-               rewards={"red": PromptRecorder()}, candidates=3, num_inference_steps=3, guidance_scale=1.0,
+               rewards={"red": PromptRecorder()}, candidates=3, sampling=SamplingSettings(3, guidance_scale=1.0),
                generation_batch_size=2, output_dir=str(tmp_path / "arl"), **kwargs)
 
 
@@ -88,8 +89,8 @@ def test_each_candidate_is_scored_against_its_own_prompt_and_the_best_is_kept(ti
         scores = record["scores"]["red"]
         assert record["kept"] == max(range(3), key=scores.__getitem__)
         # the kept PNG is the kept candidate: its red mean is the kept score (up to uint8 rounding)
-        from PIL import Image
         import numpy as np
+        from PIL import Image
         red = np.asarray(Image.open(metadata.parent / line["file_name"]))[..., 0].mean() / 255
         assert abs(red - scores[record["kept"]]) < 2 / 255
 
@@ -119,8 +120,8 @@ def arl_args(tiny_sd, tiny_pairs, prompts_file, root, epochs, extra=()):
         "--config", str(CONFIGS / "model/tiny.yaml"),
         f"--model.init_args.generator.pretrained={tiny_sd}",
         "--model.init_args.rewards={red: {class_path: tests.training.test_arl.PromptRecorder}}",
-        "--model.init_args.candidates=3", "--model.init_args.num_inference_steps=3",
-        "--model.init_args.guidance_scale=1.0",
+        "--model.init_args.candidates=3", "--model.init_args.sampling.num_inference_steps=3",
+        "--model.init_args.sampling.guidance_scale=1.0",
         "--data=t2i_align.datamodules.RankedPairsData",
         f"--data.init_args.train_prompts=[{{path: {prompts_file}}}]",
         f"--data.init_args.val_pairs={{path: {tiny_pairs}}}",

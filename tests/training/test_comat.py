@@ -5,7 +5,6 @@ D learns from detached fakes). The CLI, resume, export and DDP are the contract 
 
 from __future__ import annotations
 
-
 import lightning as L
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch
 from t2i_align.diffusion import attention_losses as al
 from t2i_align.diffusion.generator import Generator, GeneratorConfig, LoraSettings
 from t2i_align.diffusion.policies import Fixed, StepPlan
+from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.experts.captioner import BlipLikelihood
 from t2i_align.lightning_modules.comat import CoMat
 from tests.helpers import HalfSegmenter, save_tiny_captioner, trainable_digest
@@ -26,8 +26,10 @@ def captioner(tmp_path_factory) -> BlipLikelihood:
     return BlipLikelihood(save_tiny_captioner(tmp_path_factory.mktemp("captioner")), prefix="", max_shift=0)
 
 
-def make(tiny_sd: str, captioner, **kwargs) -> CoMat:
-    settings = dict(num_inference_steps=6, num_grad_steps=2, grad_stride=3, adversarial_weight=0.0)
+def make(tiny_sd: str, captioner, steps: int = 6, **kwargs) -> CoMat:
+    """CoMat with the paper's sampler (DDPM, CFG 7.5) over ``steps`` steps."""
+    sampling = SamplingSettings(steps, guidance_scale=7.5, scheduler="ddpm")
+    settings = dict(sampling=sampling, num_grad_steps=2, grad_stride=3, adversarial_weight=0.0)
     settings.update(kwargs)
     torch.manual_seed(0)
     return CoMat(generator=GeneratorConfig(tiny_sd), captioner=captioner, **settings)
@@ -53,7 +55,7 @@ def test_i2t_gradient_reaches_the_lora_only_through_the_grad_steps(tiny_sd, capt
     calls = UNetCalls(module.generator)
     rng = torch.Generator().manual_seed(0)
     out = module.generate(PROMPTS, SEEDS, rng)
-    timesteps = module.generator.make_scheduler("ddpm", 6).timesteps.tolist()
+    timesteps = module.generator.make_scheduler(module.sampling).timesteps.tolist()
     grad_calls = [timesteps.index(t) for t, grad, _ in calls.calls if grad]
     assert grad_calls == list(out.plan_grad_steps) and len(grad_calls) == 2
     assert out.plan_grad_steps[1] - out.plan_grad_steps[0] == 3  # the stride
@@ -63,12 +65,12 @@ def test_i2t_gradient_reaches_the_lora_only_through_the_grad_steps(tiny_sd, capt
     assert sum(float(p.grad.abs().sum()) for p in lora if p.grad is not None) > 0
 
     # without grad steps nothing in the chain carries gradient
-    plain = module.generator.sample(PROMPTS, SEEDS, policy=Fixed(StepPlan(frozenset())), **module.sampling)
+    plain = module.generator.sample(PROMPTS, SEEDS, policy=Fixed(StepPlan(frozenset())), sampling=module.sampling)
     assert not plain.images.requires_grad
 
 
 def test_attention_is_recorded_at_r_of_the_k_grad_steps_and_feeds_eq_4_5(tiny_sd, captioner):
-    module = make(tiny_sd, captioner, num_inference_steps=8, num_grad_steps=3, grad_stride=2, concentration_steps=2,
+    module = make(tiny_sd, captioner, steps=8, num_grad_steps=3, grad_stride=2, concentration_steps=2,
                   segmenter=HalfSegmenter())
     out = module.generate(PROMPTS, SEEDS, torch.Generator().manual_seed(1))
     recorded = sorted({step for step, _ in out.attention.maps})
@@ -92,10 +94,10 @@ def test_real_latents_are_the_frozen_models(tiny_sd, captioner):
         for name, p in module.generator_trainable().items():
             if "lora_B" in name:
                 p.normal_(std=0.5)
-        online_before = module.generator.sample(PROMPTS, SEEDS, decode=False, **module.sampling).latents
+        online_before = module.generator.sample(PROMPTS, SEEDS, decode=False, sampling=module.sampling).latents
         real = module.real_latents(PROMPTS, SEEDS)
-        online_after = module.generator.sample(PROMPTS, SEEDS, decode=False, **module.sampling).latents
-        base = Generator(GeneratorConfig(tiny_sd, lora=None)).sample(PROMPTS, SEEDS, decode=False, **module.sampling)
+        online_after = module.generator.sample(PROMPTS, SEEDS, decode=False, sampling=module.sampling).latents
+        base = Generator(GeneratorConfig(tiny_sd, lora=None)).sample(PROMPTS, SEEDS, decode=False, sampling=module.sampling)
     torch.testing.assert_close(real, base.latents, atol=1e-5, rtol=0)
     assert (online_before - real).abs().max() > 1e-3
     torch.testing.assert_close(online_after, online_before, atol=0, rtol=0)  # adapters are back on
@@ -107,11 +109,11 @@ def test_real_latents_are_the_frozen_models(tiny_sd, captioner):
 def test_mixed_latents_start_at_the_first_step_below_tau(tiny_sd, captioner, tiny_pairs):
     from t2i_align.datamodules.pairs import PairDataset, PairSource, collate_pairs
 
-    module = make(tiny_sd, captioner, num_inference_steps=10, mix_ratio=0.5, mix_t1=450, mix_t2=450)
+    module = make(tiny_sd, captioner, steps=10, mix_ratio=0.5, mix_t1=450, mix_t2=450)
     calls = UNetCalls(module.generator)
     pairs = collate_pairs([PairDataset.from_source(PairSource(tiny_pairs), 32, 0)[i] for i in range(4)])
     images, captions, start = module.mixed_latents(pairs, torch.Generator().manual_seed(0))
-    timesteps = module.generator.make_scheduler("ddpm", 10).timesteps.tolist()  # 901, 801, ..., 1
+    timesteps = module.generator.make_scheduler(module.sampling).timesteps.tolist()  # 901, 801, ..., 1
     assert timesteps[start] <= 450 < timesteps[start - 1]
     assert [t for t, _, _ in calls.calls] == timesteps[start:]  # the chain runs from there to the end
     assert len(captions) == 2 and captions == list(pairs["captions"][:2]) and images.shape[0] == 2
@@ -123,15 +125,15 @@ def test_sampling_from_init_latents_noises_them_to_the_start_step(tiny_sd):
     calls = UNetCalls(generator)
     clean = torch.randn(2, 4, 16, 16)
     with torch.no_grad():
-        generator.sample(PROMPTS, SEEDS, num_inference_steps=10, guidance_scale=1.0, scheduler="ddpm",
+        generator.sample(PROMPTS, SEEDS, SamplingSettings(10, guidance_scale=1.0, scheduler="ddpm"),
                          init_latents=clean, start_step=6)
-    scheduler = generator.make_scheduler("ddpm", 10)
+    scheduler = generator.make_scheduler(SamplingSettings(10, scheduler="ddpm"))
     t = scheduler.timesteps[6]
     noise = torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(s)) for s in SEEDS])
     assert calls.calls[0][0] == int(t) and len(calls.calls) == 4
     torch.testing.assert_close(calls.calls[0][2], scheduler.add_noise(clean, noise, t.repeat(2)))
     with pytest.raises(ValueError, match="needs init_latents"):
-        generator.sample(PROMPTS, SEEDS, num_inference_steps=10, start_step=3)
+        generator.sample(PROMPTS, SEEDS, SamplingSettings(10), start_step=3)
 
 
 def test_one_step_updates_g_and_d_and_d_learns_from_detached_fakes(tiny_sd, captioner, tiny_pairs, tmp_path,

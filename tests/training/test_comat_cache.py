@@ -14,6 +14,7 @@ import torch
 
 from t2i_align.commands.comat_cache import main
 from t2i_align.diffusion.generator import GeneratorConfig, LoraSettings
+from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.experts.captioner import BlipLikelihood
 from t2i_align.lightning_modules.comat import CoMat
 from t2i_align.lightning_modules.comat.real_latents import (
@@ -27,7 +28,8 @@ CONFIGS = Path(REPO_ROOT) / "configs"
 # Two prompt files numbered from 0 each: ids collide across files, as with the paper's prompt sets.
 FILES = {"a.txt": ["a red circle", "a blue square and a green star"],
          "b.txt": ["a yellow triangle", "a green circle"]}
-STEPS = dict(num_inference_steps=4, num_grad_steps=2, grad_stride=2)
+STEPS = dict(num_grad_steps=2, grad_stride=2)
+SAMPLING = SamplingSettings(4, guidance_scale=7.5, scheduler="ddpm")  # configs/method/comat.yaml's sampler, 4 steps
 # The same latents computed in other batches: float32 rounding differs with the batch (CFG 7.5 amplifies it).
 OTHER_BATCHES = dict(atol=1e-4, rtol=1e-5)
 
@@ -45,7 +47,7 @@ def setup(tmp_path_factory, tiny_sd) -> dict:
             f"--model.init_args.generator.pretrained={tiny_sd}",
             f"--model.init_args.captioner.init_args.pretrained={captioner_dir}",
             "--model.init_args.captioner.init_args.prefix=",
-            *[f"--model.init_args.{k}={v}" for k, v in STEPS.items()],
+            *[f"--model.init_args.{k}={v}" for k, v in STEPS.items()], "--model.init_args.sampling.num_inference_steps=4",
             "--data=t2i_align.datamodules.T2IDataModule",
             "--data.init_args.train_prompts=[" + ", ".join(f"{{path: {f}}}" for f in files) + "]",
             "--data.init_args.batch_size=2", "--data.init_args.resolution=32"]
@@ -73,7 +75,7 @@ def copy_of(cache: Path, tmp_path: Path) -> Path:
 
 
 def make(tiny_sd: str, captioner, **kwargs) -> CoMat:
-    settings = dict(STEPS, adversarial_weight=0.0)
+    settings = dict(STEPS, sampling=SAMPLING, adversarial_weight=0.0)
     settings.update(kwargs)
     generator = settings.pop("generator", GeneratorConfig(tiny_sd, lora=LoraSettings(rank=4)))
     torch.manual_seed(0)
@@ -94,7 +96,7 @@ def test_cached_latents_are_the_on_the_fly_real_latents(tiny_sd, captioner, setu
             if "lora_B" in name:
                 p.normal_(std=0.5)
         on_the_fly = online.real_latents(prompts, seeds)
-        online_latents = online.generator.sample(prompts, seeds, decode=False, **online.sampling).latents
+        online_latents = online.generator.sample(prompts, seeds, decode=False, sampling=online.sampling).latents
     cached = make(tiny_sd, captioner, real_latents=str(cache)).real_latents(prompts, seeds, ids)
     assert cached.shape == on_the_fly.shape == (4, 4, 16, 16) and cached.dtype == torch.float32
     torch.testing.assert_close(cached, on_the_fly, atol=1e-5, rtol=0)
@@ -140,11 +142,11 @@ def test_a_recipe_that_differs_is_refused(tiny_sd, captioner, setup, cache, tmp_
     folder = copy_of(cache, tmp_path)
     files = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     with pytest.raises(RealLatentsCacheError, match=r"num_inference_steps: cache 4, this run 6"):
-        main([str(folder), *setup["args"], "--model.init_args.num_inference_steps=6",
+        main([str(folder), *setup["args"], "--model.init_args.sampling.num_inference_steps=6",
               "--device", "cpu"])
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == files  # nothing written
     prompts, ids = batch_of(setup)
-    module = make(tiny_sd, captioner, real_latents=str(folder), num_inference_steps=6)
+    module = make(tiny_sd, captioner, real_latents=str(folder), sampling=SAMPLING.replace(num_inference_steps=6))
     with pytest.raises(RealLatentsCacheError, match=r"num_inference_steps") as info:
         module.real_latents(prompts, module.prompt_seeds(ids, prompts), ids)
     assert "guidance_scale" not in str(info.value)  # only the keys that differ

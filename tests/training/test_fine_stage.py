@@ -17,10 +17,16 @@ import torch
 from t2i_align.cli import main as cli_main
 from t2i_align.diffusion.attention import cross_attention_layer_names
 from t2i_align.diffusion.generator import GeneratorConfig
+from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.diffusion.tokens import find_phrase
 from t2i_align.experts.likelihood import CausalLMJudge, parse_description
 from t2i_align.lightning_modules.fine_stage import (
-    FineStage, LocalObject, Modulation, cross_modulation, modulate, self_modulation,
+    FineStage,
+    LocalObject,
+    Modulation,
+    cross_modulation,
+    modulate,
+    self_modulation,
 )
 from t2i_align.toyworld.experts.sam_reward import ToyLikelihoodJudge, ToyTagger
 from t2i_align.toyworld.experts.segmenter import ToySegmenter
@@ -106,15 +112,15 @@ def fine_stage(tiny_sd: str, tags=("red circle",), judge=None, **kwargs) -> Fine
                      judge=judge or ToyLikelihoodJudge(), segmenter=HalfSegmenter(), **kwargs)
 
 
-KW = dict(num_inference_steps=4, guidance_scale=5.0)
+KW = dict(sampling=SamplingSettings(4, guidance_scale=5.0))
 
 
 def test_the_second_pass_starts_from_the_first_pass_seeds_and_sees_its_images(tiny_sd):
     module = fine_stage(tiny_sd)
     calls = []
     sample = module.generator.sample
-    module.generator.sample = lambda prompts, seeds, **kw: (calls.append((list(prompts), list(seeds))),
-                                                            sample(prompts, seeds, **kw))[1]
+    module.generator.sample = lambda prompts, seeds, *args, **kw: (calls.append((list(prompts), list(seeds))),
+                                                                   sample(prompts, seeds, *args, **kw))[1]
     with torch.no_grad():
         plain = sample([PROMPT, "two green stars"], [3, 7], **KW)
         out = module.sample([PROMPT, "two green stars"], [3, 7], **KW)
@@ -147,7 +153,7 @@ def token_mass(module: FineStage, label: str) -> tuple[dict, dict, torch.Tensor]
     mask[:, : gen.default_resolution // 2] = True
     positions = find_phrase(PROMPT, "red circle", gen.tokenizer)
     objects = [[LocalObject("red circle", label, "red circle", mask, positions)]]
-    edits = module.modulation_edits(objects, dict(KW))
+    edits = module.modulation_edits(objects, KW["sampling"])
     with torch.no_grad():
         plain = gen.sample([PROMPT], [0], record_attention=[0], decode=False, **KW).attention.layers(0)
         edited = gen.sample([PROMPT], [0], record_attention=[0], attention_edits=edits, decode=False,
@@ -241,7 +247,7 @@ def predict(tiny_sd: str, out: Path, method: str, extra=()) -> list:
         "--data.class_path=t2i_align.datamodules.BenchmarkExportData", f"--data.init_args.prompts.path={prompts}",
         "--data.init_args.layout=t2i_compbench", "--data.init_args.images_per_prompt=1",
         f"--data.init_args.output_dir={out}",
-        "--data.init_args.num_inference_steps=4", "--data.init_args.batch_size=2",
+        "--data.init_args.sampling.num_inference_steps=4", "--data.init_args.batch_size=2",
         "--trainer.callbacks+=t2i_align.callbacks.benchmark_export.BenchmarkWriter", "--trainer.logger=false",
         f"--trainer.default_root_dir={out.parent}", "--return_predictions=false", *extra,
     ])
@@ -285,7 +291,7 @@ def test_cli_validate_on_toyworld_finds_objects_and_reports_the_toy_metrics(tiny
         "--config", str(CONFIGS / "experiment/toyworld_fine_stage.yaml"),
         f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
         "--trainer.callbacks=[{class_path: t2i_align.callbacks.toyworld.ToyWorldEvaluation, init_args: "
-        f"{{prompts_dir: {prompts}, categories: [color_binding], per_category: 2, num_inference_steps: 10, guidance_scale: 5.0, "
+        f"{{prompts_dir: {prompts}, categories: [color_binding], per_category: 2, sampling: {{num_inference_steps: 10, guidance_scale: 5.0}}, "
         "batch_size: 2, log_samples: 0, per_image: true}}]",
         # the validation loop needs a dataloader: two tiny pairs stand in for ToyWorld's (not built in CI)
         "--data.init_args.train_pairs=null", f"--data.init_args.val_pairs.path={tiny_pairs}", "--data.init_args.val_limit=2",

@@ -10,7 +10,7 @@ import torch
 from t2i_align.callbacks import ExportWeights, TrainableEMA
 from t2i_align.datamodules import PairSource, T2IDataModule
 from t2i_align.diffusion.generator import GeneratorConfig
-from t2i_align.lightning_modules.base import AlignmentModule, pair_batch
+from t2i_align.lightning_modules.base import AlignmentModule, batch_pairs
 from tests.helpers import trainable_digest
 
 
@@ -31,7 +31,7 @@ class TwoNetworks(AlignmentModule):
 
     def training_step(self, batch, batch_idx):
         opt_g, opt_d = self.optimizers()
-        pairs = pair_batch(batch)
+        pairs = batch_pairs(batch, "TwoNetworks")
         loss_g = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_rng())
         if self.batches_started - 1 in self.nan_batches:
             loss_g = loss_g * float("nan")
@@ -86,9 +86,9 @@ class Watcher(AlignmentModule):
         self.generator.requires_grad_(False)
         self.sampled = 0
 
-    def sample(self, prompts, seeds, **sampling):
+    def sample(self, prompts, seeds, sampling=None, **kwargs):
         self.sampled += len(prompts)
-        return super().sample(prompts, seeds, **sampling)
+        return super().sample(prompts, seeds, sampling, **kwargs)
 
 
 def test_a_method_without_trainable_weights_validates_and_predicts_but_does_not_fit(tiny_sd, tiny_pairs, tmp_path):

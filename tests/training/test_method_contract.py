@@ -36,7 +36,7 @@ def refl(ctx: dict, steps: int) -> list[str]:
     return ["--config", str(CONFIGS / "method/refl.yaml"), "--config", str(CONFIGS / "data/tiny_pairs.yaml"),
             "--model.init_args.reward=t2i_align.rewards.CLIPReward",
             f"--model.init_args.reward.init_args.pretrained={ctx['clip']}",
-            "--model.init_args.num_inference_steps=4", "--model.init_args.min_step=1", "--model.init_args.max_step=3",
+            "--model.init_args.sampling.num_inference_steps=4", "--model.init_args.min_step=1", "--model.init_args.max_step=3",
             "--model.init_args.reward_weight=1.0",
             f"--data.init_args.train_prompts=[{{path: {ctx['prompts']}}}]",
             f"--data.init_args.train_pairs.path={ctx['pairs']}", f"--data.init_args.val_pairs.path={ctx['pairs']}",
@@ -48,8 +48,8 @@ def arl(ctx: dict, steps: int) -> list[str]:
     return ["--config", str(CONFIGS / "method/arl.yaml"),
             "--model.init_args.rewards={clip: {class_path: t2i_align.rewards.CLIPReward, init_args: "
             f"{{pretrained: {ctx['clip']}}}}}}}",
-            "--model.init_args.candidates=2", "--model.init_args.num_inference_steps=2",
-            "--model.init_args.guidance_scale=1.0",
+            "--model.init_args.candidates=2", "--model.init_args.sampling.num_inference_steps=2",
+            "--model.init_args.sampling.guidance_scale=1.0",
             "--data=t2i_align.datamodules.RankedPairsData",
             f"--data.init_args.train_prompts=[{{path: {ctx['prompts']}}}]",
             f"--data.init_args.val_pairs={{path: {ctx['pairs']}}}", "--data.init_args.resolution=32",
@@ -61,7 +61,7 @@ def comat(ctx: dict, steps: int) -> list[str]:
     """All four parts: concept activation, the discriminator, mixed latents, attribute concentration."""
     return ["--config", str(CONFIGS / "method/comat.yaml"), "--config", str(CONFIGS / "data/tiny_pairs.yaml"),
             f"--model.init_args.captioner.init_args.pretrained={ctx['captioner']}",
-            "--model.init_args.captioner.init_args.prefix=", "--model.init_args.num_inference_steps=4",
+            "--model.init_args.captioner.init_args.prefix=", "--model.init_args.sampling.num_inference_steps=4",
             "--model.init_args.num_grad_steps=2", "--model.init_args.grad_stride=2",
             "--model.init_args.discriminator_lora.rank=4", "--model.init_args.mix_ratio=0.5",
             "--model.init_args.segmenter=tests.helpers.HalfSegmenter",

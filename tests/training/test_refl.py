@@ -11,6 +11,7 @@ from t2i_align.cli import main as cli_main
 from t2i_align.datamodules import PairSource, T2IDataModule
 from t2i_align.datamodules.prompts import PromptSource
 from t2i_align.diffusion.generator import GeneratorConfig, LoraSettings
+from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.lightning_modules import ReFL
 from t2i_align.rewards import CaptionReward, CLIPReward
 from tests.helpers import REPO_ROOT, save_tiny_captioner, save_tiny_clip
@@ -31,8 +32,10 @@ def prompts_file(tmp_path_factory):
     return str(path)
 
 
-def refl(tiny_sd, reward, **kwargs):
-    kwargs = {"num_inference_steps": 6, "min_step": 2, "max_step": 4, **kwargs}
+def refl(tiny_sd, reward, scheduler="ddpm", **kwargs):
+    """ReFL with ImageReward's sampler (no CFG; ``scheduler``) over 6 steps, the grad step in [2, 4]."""
+    sampling = SamplingSettings(6, guidance_scale=1.0, scheduler=scheduler)
+    kwargs = {"sampling": sampling, "min_step": 2, "max_step": 4, **kwargs}
     return ReFL(generator=GeneratorConfig(pretrained=tiny_sd, lora=LoraSettings(rank=4)), reward=reward, **kwargs)
 
 
@@ -65,7 +68,7 @@ def test_gradient_enters_only_through_the_chosen_step(tiny_sd, clip_dir, schedul
     # the same loss from the recorded x_m alone: one UNet call, one-step x0, decode, reward
     module.zero_grad(set_to_none=True)
     _, x, t, c = calls[-1]
-    sched = module.generator.make_scheduler(scheduler, 6)
+    sched = module.generator.make_scheduler(module.sampling)
     x0 = module.generator.predict_x0(sched, x, unet_forward(x, t, c), t)
     (-module.reward(module.generator.decode_latents(x0), PROMPTS).mean()).backward()
     by_hand = trainable_grads(module)
@@ -150,7 +153,7 @@ def test_refl_trains_from_the_cli(tiny_sd, tiny_pairs, clip_dir, prompts_file, t
         f"--model.init_args.generator.pretrained={tiny_sd}",
         "--model.init_args.reward=t2i_align.rewards.CLIPReward",
         f"--model.init_args.reward.init_args.pretrained={clip_dir}",
-        "--model.init_args.num_inference_steps=6", "--model.init_args.min_step=2", "--model.init_args.max_step=4",
+        "--model.init_args.sampling.num_inference_steps=6", "--model.init_args.min_step=2", "--model.init_args.max_step=4",
         f"--data.init_args.train_prompts=[{{path: {prompts_file}}}]",
         f"--data.init_args.train_pairs.path={tiny_pairs}",
         f"--data.init_args.val_pairs.path={tiny_pairs}",

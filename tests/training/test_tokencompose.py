@@ -144,7 +144,7 @@ def test_training_pulls_the_nouns_attention_into_their_masks(tiny_sd, tiny_pairs
 
 def test_pairs_without_masks_are_refused(tiny_sd):
     module = TokenCompose(generator=GeneratorConfig(tiny_sd))
-    batch = {"pixel_values": torch.zeros(1, 3, 32, 32), "captions": ["a circle"], "ids": ["0"], "masks": None}
+    batch = {"pairs": {"pixel_values": torch.zeros(1, 3, 32, 32), "captions": ["a circle"], "ids": ["0"], "masks": None}}
     with pytest.raises(ValueError, match="attn_list"):
         module.training_step(batch, 0)
 
@@ -153,9 +153,9 @@ def test_toyworld_overlay_trains_from_the_cli_at_batch_4(tmp_path):
     """The ToyWorld experiment stack (committed pipeline, natural pairs with their rendered per-noun masks) trains
     at batch 4 and logs both grounding losses; a small ToyWorld build stands in for .cache/toyworld."""
     import csv
-    from pathlib import Path
     import subprocess
     import sys
+    from pathlib import Path
 
     from t2i_align.cli import main as cli_main
     from tests.helpers import REPO_ROOT

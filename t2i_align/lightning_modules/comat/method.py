@@ -1,6 +1,6 @@
 """``CoMat``: concept activation through an image-to-text model, fidelity preservation by a latent
-discriminator, mixed latents and attribute concentration (CoMat, Sections 4.1-4.2 and Algorithm 1;
-METHODS.md §3).
+discriminator, mixed latents and attribute concentration (CoMat, Sections 4.1-4.2, Algorithm 1 and Appendix E;
+where the paper is silent, its public code: CaraJ7/CoMat, training_script.py).
 
 One training batch (Algorithm 1):
 
@@ -55,7 +55,10 @@ from t2i_align.diffusion.generator import LoraSettings, SampleOutput
 from t2i_align.diffusion.policies import Fixed, StepPlan, Strided
 from t2i_align.experts.captioner import ImageToText
 from t2i_align.experts.segmenter import Segmenter
-from t2i_align.lightning_modules.base import AlignmentModule, FrozenExperts, broadcast_parameters, ddp_ignore
+from t2i_align.diffusion.sampling import SamplingSettings
+from t2i_align.lightning_modules.base import (
+    AlignmentModule, FrozenExperts, batch_pairs, batch_prompts, broadcast_parameters, ddp_ignore,
+)
 from t2i_align.lightning_modules.comat.discriminator import (
     LatentDiscriminator,
     discriminator_adamw,
@@ -80,9 +83,7 @@ class CoMat(AlignmentModule):
     Args:
         captioner: the frozen image-to-text model scoring ``log p(prompt | image)``
             (:class:`~t2i_align.experts.captioner.BlipLikelihood`).
-        num_inference_steps: T of the training chain (50 DDPM steps in the paper).
-        guidance_scale: CFG while sampling in training (7.5).
-        scheduler: sampler of the training chain (``ddpm`` as in the paper).
+        sampling: the training chain (the paper: 50 DDPM steps, CFG 7.5); the real latents' too.
         num_grad_steps: K, the steps with gradient (5).
         grad_stride: distance between grad steps (10: K = 5 steps spread over 50 with a random phase).
         detach_input: detach the UNet input at grad steps (CoMat's SDXL code; its SD1.5 code does not).
@@ -118,9 +119,7 @@ class CoMat(AlignmentModule):
         self,
         *args,
         captioner: ImageToText,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        scheduler: Literal["ddpm", "ddim"] = "ddpm",
+        sampling: SamplingSettings = SamplingSettings(num_inference_steps=50, guidance_scale=7.5, scheduler="ddpm"),
         num_grad_steps: int = 5,
         grad_stride: int = 10,
         detach_input: bool = False,
@@ -151,8 +150,8 @@ class CoMat(AlignmentModule):
         if not 1 <= concentration_steps <= num_grad_steps:
             raise ValueError(f"concentration_steps={concentration_steps} must be in [1, num_grad_steps={num_grad_steps}]")
         self.policy = Strided(num_grad_steps, grad_stride, detach_input)
-        self.policy.plan(num_inference_steps)  # refuse an impossible stride now, not at the first batch
-        self.sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
+        self.policy.plan(sampling.num_inference_steps)  # refuse an impossible stride now, not at the first batch
+        self.sampling = sampling
         self.experts = FrozenExperts(captioner=captioner, **({"segmenter": segmenter} if segmenter is not None else {}))
         self.adversarial_weight = adversarial_weight
         self.discriminator_optimizer_factory = discriminator_optimizer
@@ -179,7 +178,7 @@ class CoMat(AlignmentModule):
             cfg = self.generator.config
             unet = UNet2DConditionModel.from_pretrained(cfg.pretrained, subfolder="unet", revision=cfg.revision,
                                                         variant=cfg.variant, torch_dtype=self.generator.weight_dtype)
-            last = self.generator.make_scheduler(scheduler, num_inference_steps).timesteps[-1]
+            last = self.generator.make_scheduler(sampling).timesteps[-1]
             d_lora = discriminator_lora or (LoraSettings(rank=cfg.lora.rank) if cfg.lora else LoraSettings())
             self.discriminator = LatentDiscriminator(unet, d_lora, int(last))
 
@@ -231,7 +230,7 @@ class CoMat(AlignmentModule):
 
     def plan(self, rng: torch.Generator) -> tuple[StepPlan, list[int]]:
         """The K grad steps of this batch and the ``concentration_steps`` of them whose attention is recorded."""
-        plan = self.policy.plan(self.sampling["num_inference_steps"], rng)
+        plan = self.policy.plan(self.sampling.num_inference_steps, rng)
         steps = sorted(plan.grad_steps)
         pick = torch.randperm(len(steps), generator=rng)[: self.concentration["steps"]].tolist()
         return plan, sorted(steps[i] for i in pick)
@@ -242,8 +241,7 @@ class CoMat(AlignmentModule):
         record_attention = record if "segmenter" in dict(self.experts.items()) else False
         if record_attention and self.generator.attention_store is None:
             self.generator.enable_attention_capture(self.concentration_layers)
-        return self.generator.sample(prompts, seeds, policy=Fixed(plan), record_attention=record_attention,
-                                     **self.sampling)
+        return self.generator.sample(prompts, seeds, self.sampling, policy=Fixed(plan), record_attention=record_attention)
 
     def real_latents(self, prompts: list[str], seeds: list[int], ids: Sequence[str] | None = None) -> torch.Tensor:
         """Final latents of the frozen base model for the same prompts and noise: read from the cache
@@ -262,11 +260,11 @@ class CoMat(AlignmentModule):
         """Final latents of the frozen base model for the same prompts and noise: the online UNet with its adapters
         disabled (without LoRA, the UNet itself: the base model only before training, as in the cache command)."""
         if self.generator.config.lora is None:
-            return self.generator.sample(prompts, seeds, decode=False, **self.sampling).latents
+            return self.generator.sample(prompts, seeds, self.sampling, decode=False).latents
         unet = self.generator.unet
         unet.disable_adapters()
         try:
-            return self.generator.sample(prompts, seeds, decode=False, **self.sampling).latents
+            return self.generator.sample(prompts, seeds, self.sampling, decode=False).latents
         finally:
             unet.enable_adapters()
 
@@ -275,13 +273,11 @@ class CoMat(AlignmentModule):
         latent shape, and the seed the prompts' noise is derived from."""
         cfg = self.generator.config
         pretrained = os.path.realpath(cfg.pretrained) if os.path.isdir(cfg.pretrained) else cfg.pretrained
-        resolution = self.generator.default_resolution
+        resolution = self.sampling.resolution or self.generator.default_resolution
         side = resolution // self.generator.vae_scale_factor
         recipe = {
             "format": 1, "pretrained": pretrained, "revision": cfg.revision, "variant": cfg.variant,
-            "weight_dtype": cfg.weight_dtype, "scheduler": self.sampling["scheduler"],
-            "num_inference_steps": self.sampling["num_inference_steps"],
-            "guidance_scale": self.sampling["guidance_scale"], "resolution": resolution,
+            "weight_dtype": cfg.weight_dtype, **self.sampling.replace(resolution=resolution).as_dict(),
             "latent_shape": [self.generator.unet.config.in_channels, side, side], "seed": self.seed,
         }
         return json.loads(json.dumps(recipe))  # as read back from the file (lists, floats)
@@ -328,14 +324,14 @@ class CoMat(AlignmentModule):
         pixels, captions = pairs["pixel_values"][:n], list(pairs["captions"][:n])
         latents = self.generator.encode_images(pixels.to(self.device), rng)
         tau = int(torch.randint(self.mix_t1, self.mix_t2 + 1, (1,), generator=rng))
-        timesteps = self.generator.make_scheduler(self.sampling["scheduler"], self.sampling["num_inference_steps"]).timesteps
+        timesteps = self.generator.make_scheduler(self.sampling).timesteps
         start = int((timesteps > tau).sum())  # the first step at or below tau
         remaining = len(timesteps) - start
         k = max(1, min(self.policy.num_grad_steps, (remaining - 1) // self.policy.stride + 1))
         policy = Strided(k, self.policy.stride, self.policy.detach_input)
         seeds = torch.randint(0, 2**62, (n,), generator=rng).tolist()
-        out = self.generator.sample(captions, seeds, policy=policy, policy_rng=rng, init_latents=latents,
-                                    start_step=start, **self.sampling)
+        out = self.generator.sample(captions, seeds, self.sampling, policy=policy, policy_rng=rng, init_latents=latents,
+                                    start_step=start)
         return out.images, captions, start
 
     def concentration_losses(self, out: SampleOutput, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,10 +362,7 @@ class CoMat(AlignmentModule):
 
     # ------------------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        prompt_batch = batch["prompts"] if "pairs" in batch else batch
-        if "prompts" not in prompt_batch:
-            raise ValueError("CoMat needs training prompts: set data.init_args.train_prompts")
-        prompts, ids = list(prompt_batch["prompts"]), list(prompt_batch["ids"])
+        prompts, ids = batch_prompts(batch, "CoMat"), list(batch["prompts"]["ids"])
         seeds = self.prompt_seeds(ids, prompts)
         rng = self.step_rng()
         optimizers = self.optimizers()
@@ -381,9 +374,7 @@ class CoMat(AlignmentModule):
             out = self.generate(prompts, seeds, rng)
             images, texts = out.images, prompts
             if self.mix_ratio > 0:
-                if "pairs" not in batch:
-                    raise ValueError("CoMat's mixed latents (mix_ratio > 0) need real pairs: set data.init_args.train_pairs")
-                real_images, captions, start = self.mixed_latents(batch["pairs"], rng)
+                real_images, captions, start = self.mixed_latents(batch_pairs(batch, "CoMat's mixed latents (mix_ratio > 0)"), rng)
                 images, texts = torch.cat([images, real_images]), texts + captions
                 logs["train/mix_start_step"] = torch.tensor(float(start))
             i2t = -self.captioner.log_likelihood(images, texts, rng).mean()
@@ -412,5 +403,4 @@ class CoMat(AlignmentModule):
             scheduler.step()
         if g_loss is not None:
             self.log("train/loss", g_loss.detach(), prog_bar=True, batch_size=1)
-            for key, value in logs.items():
-                self.log(key, value, batch_size=1)
+            self.log_dict(logs, batch_size=1)

@@ -9,6 +9,7 @@ import time
 from t2i_align.common import image_grid
 from t2i_align.diffusion.generator import Generator, GeneratorConfig
 from t2i_align.diffusion.lora import load_lora
+from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.toyworld.evaluation.scoring import load_items, metric_keys, score_items, summarise
 from t2i_align.toyworld.experts.judge import ToyJudge
 from t2i_align.toyworld.splits import EVAL_CATEGORIES
@@ -26,14 +27,14 @@ def evaluate_pipeline(pipeline: str, prompts_dir: str, lora: str | None = None, 
     categories = list(categories or EVAL_CATEGORIES)
     items = load_items(prompts_dir, categories, per_category, images_per_prompt, seed)
     keys = metric_keys(categories)
-    sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
+    sampling = SamplingSettings(num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler)
     start = time.time()
-    sums, counts, kept = score_items(generator, items, ToyJudge(), keys, batch_size, keep_images=grid_images, **sampling)
+    sums, counts, kept = score_items(generator, items, ToyJudge(), keys, batch_size, keep_images=grid_images, sampling=sampling)
     report = {
         "metrics": summarise(keys, sums, counts),
         "images": len(items),
         "seconds": round(time.time() - start, 1),
-        "sampling": sampling,
+        "sampling": sampling.as_dict(),
         "pipeline": pipeline,
         "lora": lora,
         "prompts_dir": prompts_dir,

@@ -58,9 +58,10 @@ def pipeline_quality(pipeline: str, per_category: int = 50, images_per_prompt: i
                      grid: Path | None = None) -> dict[str, float]:
     """Canonical singles (shape + colour, and every stated word) and ``all_clauses`` per category."""
     from t2i_align.diffusion.generator import Generator, GeneratorConfig
+    from t2i_align.diffusion.sampling import SamplingSettings
 
     generator = Generator(GeneratorConfig(pretrained=pipeline, lora=None)).to(device).eval()
-    sampling = dict(num_inference_steps=steps, guidance_scale=guidance, scheduler="ddim")
+    sampling = SamplingSettings(steps, guidance_scale=guidance, scheduler="ddim")
     judge = ToyJudge()
     out: dict[str, float] = {}
     shown = []
@@ -70,7 +71,7 @@ def pipeline_quality(pipeline: str, per_category: int = 50, images_per_prompt: i
         right = [0.0, 0.0]
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
-            images = generator.sample([it.prompt for it in batch], [it.seed for it in batch], **sampling).images.cpu()
+            images = generator.sample([it.prompt for it in batch], [it.seed for it in batch], sampling).images.cpu()
             for image, item, found in zip(images, batch, judge.detect_batch(images)):
                 phrase = parse_prompt(item.prompt).phrases[0]
                 bare = PromptSpec((Phrase(phrase.shape, colour=phrase.colour),))
@@ -89,7 +90,7 @@ def pipeline_quality(pipeline: str, per_category: int = 50, images_per_prompt: i
         categories = [*EVAL_CATEGORIES, "color_binding_counter"]
         keys = metric_keys(categories)
         items = load_items(tmp, categories, None, 1, seed)
-        sums, counts, kept = score_items(generator, items, judge, keys, batch_size, keep_images=48, **sampling)
+        sums, counts, kept = score_items(generator, items, judge, keys, batch_size, keep_images=48, sampling=sampling)
     for key, value in summarise(keys, sums, counts).items():
         if key.endswith("/all_clauses") or key.endswith("/object_accuracy"):
             out[f"pipeline/{key}"] = value

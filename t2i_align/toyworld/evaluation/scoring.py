@@ -14,6 +14,7 @@ import torch
 
 from t2i_align.common import EvalItem, derive_seed
 from t2i_align.datamodules.prompts import read_prompts
+from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.toyworld.experts.judge import ToyJudge
 from t2i_align.toyworld.evaluation.metrics import clause_verdicts, score_image
 from t2i_align.toyworld.splits import EVAL_CATEGORIES
@@ -67,7 +68,7 @@ def accumulate(sums: torch.Tensor, counts: torch.Tensor, keys: list[str], items:
 
 @torch.no_grad()
 def score_items(model, items: Sequence[EvalItem], judge: ToyJudge, keys: list[str], batch_size: int = 16,
-                keep_images: int = 0, **sample_kwargs) -> tuple[torch.Tensor, torch.Tensor, list]:
+                keep_images: int = 0, sampling: SamplingSettings | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Generate with ``model.sample`` (an :class:`~t2i_align.lightning_modules.AlignmentModule`, or a bare
     :class:`~t2i_align.diffusion.generator.Generator` for a base pipeline) and judge ``items``; returns (sums,
     counts) over ``keys`` and up to ``keep_images`` (image, item, scores) triples for sample grids."""
@@ -75,7 +76,7 @@ def score_items(model, items: Sequence[EvalItem], judge: ToyJudge, keys: list[st
     kept = []
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
-        images = model.sample([it.prompt for it in batch], [it.seed for it in batch], **sample_kwargs).images
+        images = model.sample([it.prompt for it in batch], [it.seed for it in batch], sampling).images
         scores = score_batch(images, batch, judge)
         accumulate(sums, counts, keys, batch, scores)
         kept += [(image.cpu(), item, s) for image, item, s in zip(images, batch, scores)][:keep_images - len(kept)]
