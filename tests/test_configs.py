@@ -91,26 +91,6 @@ def test_toyworld_overlays_state_their_stack_and_stay_short():
     assert header_stack("experiment/toyworld.yaml") == ["method/finetune.yaml", "experiment/toyworld.yaml"]
 
 
-@pytest.mark.parametrize("script_name, table", [("compare_methods", "METHODS"), ("comat_ablation", "ARMS"),
-                                               ("tokencompose_compare", "ARMS")])
-def test_comparison_scripts_train_the_overlays_stacks_in_their_own_folders(script_name, table):
-    import importlib.util
-
-    path = Path(REPO_ROOT) / "experiments" / "toyworld" / f"{script_name}.py"
-    spec = importlib.util.spec_from_file_location(script_name, path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    runs = getattr(script, table)
-    folders = set()
-    for name, (configs, run_dir) in runs.items():
-        relative = [c.removeprefix("configs/") for c in configs]
-        assert relative == header_stack(relative[-1]), name
-        trainer = parse_only(config_args(*relative))["trainer"]
-        assert trainer["default_root_dir"] == trainer["logger"]["init_args"]["save_dir"] == run_dir, name
-        folders.add(run_dir)
-    assert len(folders) == len(runs)  # no two runs share a folder
-
-
 @pytest.mark.parametrize("fragment", FRAGMENTS)
 def test_config_parses_on_its_stack(fragment):
     parsed = parse_only(config_args(*stack_for(fragment)))

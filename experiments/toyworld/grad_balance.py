@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from t2i_align.cli import T2ICLI
-from t2i_align.lightning_modules.refl import prompt_list
+from t2i_align.lightning_modules.base import batch_pairs, batch_prompts
 
 
 def grad_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> float:
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     ratios = []
     for k, (batch, *_) in zip(range(a.batches), data.train_dataloader()):
         gen = torch.Generator().manual_seed(k)
-        reward_loss, rewards, m = module.refl_loss(prompt_list(batch), gen)
-        pairs = batch["pairs"]
+        reward_loss, rewards, m = module.refl_loss(batch_prompts(batch, "ReFL"), gen)
+        pairs = batch_pairs(batch, "L_pre")
         pre = module.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], gen)
         g_reward, g_pre = grad_norm(reward_loss, params), grad_norm(pre, params)
         ratios.append(g_reward / g_pre)
