@@ -2,6 +2,7 @@
 ``python -m t2i_align.commands.<name> --help``:
 
 * ``build_tiny``         random-weight tiny SD pipeline + synthetic pairs (the tiny demo's inputs)
+* ``build_tiny_tokenizer`` the committed tiny CLIP tokenizer fixture, rebuilt
 * ``annotate_masks``     TokenCompose's per-noun masks for a pair file (Grounded-SAM)
 * ``comat_cache``        CoMat's real latents computed ahead (the training run's config stack)
 * ``multigen``           MultiGen MG_k of exported images

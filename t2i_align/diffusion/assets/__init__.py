@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-# Built by `python -m t2i_align.diffusion.assets.build_tokenizer` (see that module).
+# Built by `python -m t2i_align.commands.build_tiny_tokenizer` (see that module).
 TINY_TOKENIZER_DIR: Path = Path(__file__).resolve().parent / "tiny_clip_tokenizer"
 
 __all__ = ["TINY_TOKENIZER_DIR"]

@@ -1,6 +1,6 @@
 """Build the tiny CLIP-format tokenizer fixture used by tests and the tiny demo model.
 
-Usage: ``python -m t2i_align.diffusion.assets.build_tokenizer OUT_DIR``
+Command: ``python -m t2i_align.commands.build_tiny_tokenizer OUT_DIR``
 
 Trains a byte-level BPE with the ``tokenizers`` library on a small caption corpus embedded below and
 writes it in the layout of the Stable Diffusion 1.x ``tokenizer/`` folder (``vocab.json``,
@@ -13,7 +13,6 @@ deterministic (no randomness, sorted keys, fixed corpus order).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -250,16 +249,3 @@ def write_tokenizer(out_dir: str | Path, num_merges: int = NUM_MERGES) -> Path:
     for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
         (out / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--num-merges", type=int, default=NUM_MERGES)
-    args = parser.parse_args(argv)
-    out = write_tokenizer(args.out_dir, args.num_merges)
-    print(f"wrote {out} ({args.num_merges + 514} tokens)")
-
-
-if __name__ == "__main__":
-    main()
