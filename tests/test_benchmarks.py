@@ -41,3 +41,29 @@ def test_comat_step_benchmark_smoke(tmp_path):
     assert abs(result["achieved_tflops"] - result["tflop_per_iteration"] / result["sec_per_iteration"]) < 1e-9
     assert abs(result["fraction_of_peak"] - result["achieved_tflops"] / result["peak_tflops_measured"]) < 1e-9
     assert result["peak_memory_gib"] is None and result["target"]["met"] is None  # CPU: the target does not apply
+
+
+def test_speed_benchmark_result_comparisons(tmp_path):
+    """speed.py's equality checks: identical verdicts are counted per image, latents and weights compared exactly."""
+    import torch
+
+    speed = load_script("speed")
+    before, after = tmp_path / "before", tmp_path / "after"
+    records = [{"key": f"c/{i}/0", "scores": {"all_clauses": float(i % 2)}, "clauses": [[f"clause {i}", True]]}
+               for i in range(4)]
+    changed = [dict(r) for r in records]
+    changed[2] = {**changed[2], "clauses": [["clause 2", False]]}
+    latents = torch.randn(4, 8, 2, 2)
+    for folder, recs, lat in ((before, records, latents), (after, changed, latents + 1e-6 * (torch.arange(4.0) == 3).view(4, 1, 1, 1))):
+        folder.mkdir()
+        (folder / "per_image.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        torch.save(lat, folder / "latents.pt")
+    c = speed.compare_eval(before, after)
+    assert c["images"] == 4 and c["identical_verdicts"] == 3 and not c["latents_bit_identical"]
+    assert 0 < c["latents_max_abs_diff"] < 1e-5
+    torch.save({"w": torch.ones(3)}, before / "weights.pt")
+    torch.save({"w": torch.ones(3) * 1.5, "extra": torch.zeros(1)}, after / "weights.pt")
+    t = speed.compare_train(before, after, {"logged": [("train/loss", 2.0)]}, {"logged": [("train/loss", 2.2)]})
+    assert t["same_names"] and abs(t["loss_max_rel_diff"] - 0.1) < 1e-9
+    assert t["weights_compared"] == 1 and t["weights_missing"] == 1 and t["weights_max_abs_diff"] == 0.5
+    assert any("train_prompts" in arg for arg in speed.data_overrides(tmp_path, "comat"))

@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     from t2i_align.datamodules.prompts import PromptSource
     from t2i_align.datamodules.synthetic import write_shape_pairs
     from t2i_align.diffusion.generator import GeneratorConfig, LoraSettings
+    from t2i_align.diffusion.sampling import SamplingSettings
     from t2i_align.diffusion.tiny import save_random_sd15, save_tiny_pipeline
     from t2i_align.experts.captioner import BlipLikelihood
     from t2i_align.lightning_modules.comat import CoMat
@@ -186,8 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
                                    dtype=dtype_name)
         config = GeneratorConfig(pretrained=str(folder), lora=LoraSettings(rank=lora_rank), weight_dtype=dtype_name,
                                  gradient_checkpointing=a.gradient_checkpointing)
-        module = CoMat(generator=config, captioner=captioner, num_inference_steps=num_inference_steps,
-                       guidance_scale=7.5, num_grad_steps=num_grad_steps, grad_stride=grad_stride,
+        module = CoMat(generator=config, captioner=captioner,
+                       sampling=SamplingSettings(num_inference_steps=num_inference_steps, guidance_scale=7.5,
+                                                 scheduler="ddpm"),
+                       num_grad_steps=num_grad_steps, grad_stride=grad_stride,
                        adversarial_weight=1.0, discriminator_lora=LoraSettings(rank=lora_rank), mix_ratio=a.mix_ratio,
                        segmenter=LeftHalfSegmenter() if a.segmenter == "half" else None)
         (tmp / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
 
     from t2i_align.diffusion.generator import GeneratorConfig, LoraSettings
+    from t2i_align.diffusion.sampling import SamplingSettings
     from t2i_align.diffusion.tiny import save_random_sd15, save_tiny_pipeline
     from t2i_align.lightning_modules.refl import ReFL
     from t2i_align.rewards import CLIPReward
@@ -87,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         lora = LoraSettings(rank=a.lora_rank) if a.lora_rank else None
         config = GeneratorConfig(pretrained=str(folder), lora=lora, weight_dtype=dtype_name,
                                  gradient_checkpointing=a.gradient_checkpointing)
-        module = ReFL(generator=config, reward=reward, num_inference_steps=a.num_inference_steps,
-                      min_step=a.min_step, max_step=a.max_step).to(device)
+        sampling = SamplingSettings(num_inference_steps=a.num_inference_steps, guidance_scale=1.0, scheduler="ddpm")
+        module = ReFL(generator=config, reward=reward, sampling=sampling, min_step=a.min_step,
+                      max_step=a.max_step).to(device)
         print(f"built and loaded in {time.perf_counter() - tic:.0f} s", flush=True)
     optimizer = torch.optim.AdamW(module.generator.trainable_parameters(), lr=1e-5)
     prompts = [f"a photo of {n} red circles next to a blue square" for n in range(batch)]

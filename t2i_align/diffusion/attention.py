@@ -8,6 +8,9 @@ the pre-softmax scores (``scale * q k^T`` plus the mask) and capture sees the ed
 
 Maps are keyed by (step, layer name), never by a running counter: gradient checkpointing re-runs the
 forward during backward, and that re-run does not store (``AttentionStore.replay``) (see ``Generator.unet_forward``).
+
+A sampling chain's text condition is the same tensor at every step, so on its steps without gradient the
+cross-attention keys and values are computed once (:func:`key_value_cache`, :class:`KeyValueCache`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Container, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 # Default layers: the mid block and all up blocks, as in TokenCompose (Section 4, "Setup": every cross-attention
@@ -177,6 +181,7 @@ class CaptureProcessor:
     def __init__(self, store: AttentionStore, layer: str) -> None:
         self.store, self.layer = store, layer
         self.sdpa = AttnProcessor2_0()
+        self.cache: KeyValueCache | None = None  # set by key_value_cache() for one sampling chain
 
     def __call__(
         self,
@@ -189,7 +194,8 @@ class CaptureProcessor:
     ) -> torch.Tensor:
         edits = self.store.edits_for(self.layer)
         if not self.store.recording and not edits:
-            return self.sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            return cached_sdpa(self.cache, self.sdpa, attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                               **kwargs)
         if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3:
             raise NotImplementedError(f"attention capture supports SD transformer-block attention only ({self.layer})")
         residual = hidden_states
@@ -249,3 +255,106 @@ def install_capture(unet: torch.nn.Module, layers: list[str], store: AttentionSt
         if not isinstance(module, Attention):
             raise ValueError(f"'{name}' is not an attention layer of the UNet")
         module.set_processor(CaptureProcessor(store, name))
+
+
+# ---------------------------------------------------------------------------------------- key/value cache
+class KeyValueCache:
+    """Cross-attention keys and values of one sampling chain, computed at the first UNet call that may use them and
+    reused by the later ones: the condition (prompt embeddings) is the same tensor at every step and the weights do
+    not change within a chain.
+
+    The sampler turns :attr:`active` on for its steps without gradient only: at a grad step the keys and values
+    must carry gradient (LoRA on ``to_k``/``to_v``), and a no-grad step may run merged LoRA weights
+    (:class:`~t2i_align.diffusion.lora.PlainLayers`) which the grad steps do not. An entry is reused only for the
+    very tensor it was computed from (identity), so a call with another condition computes its own.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        # (layer, id(condition)) -> (condition, key, value); the condition is held, so its id stays its own
+        self._entries: dict[tuple[Attention, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.hits = 0
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def key_value(self, attn: Attention, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(key, value)`` of ``attn`` for ``context``, each ``[B, heads, T, head_dim]`` (as diffusers' SDPA
+        processor shapes them)."""
+        entry = self._entries.get((attn, id(context)))
+        if entry is not None and entry[0] is context:
+            self.hits += 1
+            return entry[1], entry[2]
+        batch = context.shape[0]
+        key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        self._entries[(attn, id(context))] = (context, key, value)
+        return key, value
+
+
+def cached_sdpa(cache: KeyValueCache | None, fallback: AttnProcessor2_0, attn: Attention, hidden_states: torch.Tensor,
+                encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """diffusers' ``AttnProcessor2_0`` with the keys and values from ``cache`` while it is active: the same
+    operations on the same tensors (bit-identical output). Calls the cache does not cover (self-attention, masks,
+    normalised or spatial attention, 4-d inputs) go to ``fallback``."""
+    if (cache is None or not cache.active or encoder_hidden_states is None or attention_mask is not None or kwargs
+            or hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None
+            or attn.norm_cross or attn.norm_q is not None or attn.norm_k is not None):
+        return fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+    residual = hidden_states
+    batch = encoder_hidden_states.shape[0]
+    query = attn.to_q(hidden_states)
+    key, value = cache.key_value(attn, encoder_hidden_states)
+    head_dim = key.shape[-1]
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+class CachedAttnProcessor:
+    """``AttnProcessor2_0`` with cross-attention keys and values from a :class:`KeyValueCache` (see
+    :func:`cached_sdpa`); installed by :func:`key_value_cache` for one sampling chain."""
+
+    def __init__(self, cache: KeyValueCache) -> None:
+        self.cache = cache
+        self.sdpa = AttnProcessor2_0()
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        return cached_sdpa(self.cache, self.sdpa, attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                           **kwargs)
+
+
+@contextlib.contextmanager
+def key_value_cache(unet: torch.nn.Module) -> Iterator[KeyValueCache]:
+    """A :class:`KeyValueCache` (inactive until the caller turns it on) used by every cross-attention layer of
+    ``unet`` that runs diffusers' SDPA processor or a :class:`CaptureProcessor`; other processors are left alone.
+    Every layer has its own processor back afterwards and the cache is emptied."""
+    cache = KeyValueCache()
+    replaced: list[tuple[Attention, object]] = []
+    captures: list[CaptureProcessor] = []
+    for module in unet.modules():
+        if not isinstance(module, Attention) or not module.is_cross_attention:
+            continue
+        processor = module.processor
+        if type(processor) is AttnProcessor2_0:
+            replaced.append((module, processor))
+            module.processor = CachedAttnProcessor(cache)
+        elif isinstance(processor, CaptureProcessor) and processor.cache is None:
+            captures.append(processor)
+            processor.cache = cache
+    try:
+        yield cache
+    finally:
+        for module, processor in replaced:
+            module.processor = processor
+        for processor in captures:
+            processor.cache = None
+        cache.clear()

@@ -1,23 +1,31 @@
 """Export of the trained weights in diffusers formats: LoRA as ``pytorch_lora_weights.safetensors``
-(read by ``pipeline.load_lora_weights``), a fully fine-tuned UNet as a ``unet/`` model folder; and the loader
-of such a LoRA that checks every adapter arrived."""
+(read by ``pipeline.load_lora_weights``), a fully fine-tuned UNet as a ``unet/`` model folder; the loader
+of such a LoRA that checks every adapter arrived; and :class:`PlainLayers`, the LoRA merged into plain layers for
+UNet calls without gradient (sampling)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 # The loader mixin, not StableDiffusionPipeline: importing the pipeline pulls transformers' image processors,
 # which warn twice when torchvision is not installed.
 from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
 from diffusers.utils import convert_unet_state_dict_to_peft
+from peft.tuners.lora.layer import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from t2i_align.diffusion.generator import Generator
 from t2i_align.io import atomic_path
+
+if TYPE_CHECKING:  # generator.py imports this module (PlainLayers)
+    from t2i_align.diffusion.generator import Generator
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -80,3 +88,91 @@ def load_lora(unet, folder: str | Path) -> None:
     lost = [k for k, v in layers.items() if not arrived(k, v)]
     if lost:
         raise ValueError(f"{path}: {len(lost)} of {len(layers)} LoRA weights did not load, e.g. {lost[0]}")
+
+
+# ------------------------------------------------------------------------------------------ merged LoRA for sampling
+class _MergedLinear(nn.Module):
+    """``base`` with the merged weight ``W + delta`` (a new tensor: ``base``'s own parameters are never touched)."""
+
+    def __init__(self, base: nn.Linear, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, base.bias  # plain attributes, not parameters: nothing here trains
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _MergedConv2d(nn.Module):
+    def __init__(self, base: nn.Conv2d, weight: torch.Tensor) -> None:
+        super().__init__()
+        self._base, self.weight = (base,), weight  # a tuple: not registered as a child module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._base[0]._conv_forward(x, self.weight, self._base[0].bias)
+
+
+class PlainLayers:
+    """peft's LoRA wrappers of a UNet replaced, while :meth:`applied`, by plain layers computing the same function:
+    ``W + scale * B A`` merged once (at construction) into a new weight tensor, the base layer itself where the
+    adapters add nothing (a zero adapter, e.g. LoRA's initialisation, or adapters switched off with
+    ``unet.disable_adapters()``).
+
+    For UNet calls without gradient only (a sampler's no-grad steps; evaluation): the LoRA weights get no gradient
+    through the merged layers. Nothing of the model is modified: the wrappers are put back in their parents'
+    module slots when :meth:`applied` exits, and the original weights were never written (no float drift from
+    merging and unmerging by addition and subtraction, as peft's ``merge``/``unmerge`` would have). A merged layer's
+    output differs from the wrapper's ``W x + B (A x)`` by float rounding only; where nothing is merged, by nothing.
+    Build it again after the weights change (an optimizer step): it holds the merged weights of its construction.
+
+    A wrapper that is not a plain ``nn.Linear``/``nn.Conv2d`` LoRA (DoRA and other variants, LoRA bias, peft's own
+    merged state, other base layers) is left in place as it is.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        self.entries: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []  # (parent, name, wrapper, plain layer)
+        self.merged = 0  # layers with a merged weight
+        self.active = 0  # layers whose adapters were on (their LoRA weights get no gradient through the plain layer)
+        with torch.no_grad():
+            for parent in unet.modules():
+                for name, child in parent.named_children():
+                    if isinstance(child, LoraLayer):
+                        plain = self._plain(child)
+                        if plain is not None:
+                            self.entries.append((parent, name, child, plain))
+
+    def _plain(self, layer: LoraLayer) -> nn.Module | None:
+        base = layer.get_base_layer()
+        if type(base) not in (nn.Linear, nn.Conv2d) or layer.merged:
+            return None
+        if layer.disable_adapters:
+            return base
+        adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+        if any(a in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(a) for a in adapters):
+            return None
+        self.active += 1
+        delta = None
+        for adapter in adapters:
+            d = layer.get_delta_weight(adapter)
+            delta = d if delta is None else delta + d
+        if delta is None or not bool(delta.any()):
+            return base  # the wrapper adds exactly zero: the base layer is the same function, bit for bit
+        self.merged += 1
+        weight = (base.weight.float() + delta.float()).to(base.weight.dtype)
+        return _MergedLinear(base, weight) if isinstance(base, nn.Linear) else _MergedConv2d(base, weight)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The plain layers in the wrappers' places; the wrappers are back afterwards (also on an exception)."""
+        if torch.is_grad_enabled() and self.active:
+            raise RuntimeError("PlainLayers stand in for active LoRA adapters, which get no gradient through them: "
+                               "use them under no_grad")
+        for parent, name, _, plain in self.entries:
+            parent._modules[name] = plain
+        try:
+            yield
+        finally:
+            for parent, name, wrapper, _ in self.entries:
+                parent._modules[name] = wrapper

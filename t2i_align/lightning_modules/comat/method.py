@@ -51,7 +51,7 @@ from torch import nn
 
 from t2i_align.common import derive_seed
 from t2i_align.diffusion import attention_losses as al
-from t2i_align.diffusion.generator import LoraSettings, SampleOutput
+from t2i_align.diffusion.generator import BackgroundLane, LoraSettings, SampleOutput
 from t2i_align.diffusion.policies import Fixed, StepPlan, Strided
 from t2i_align.experts.captioner import ImageToText
 from t2i_align.experts.segmenter import Segmenter
@@ -235,13 +235,14 @@ class CoMat(AlignmentModule):
         pick = torch.randperm(len(steps), generator=rng)[: self.concentration["steps"]].tolist()
         return plan, sorted(steps[i] for i in pick)
 
-    def generate(self, prompts: list[str], seeds: list[int], rng: torch.Generator) -> SampleOutput:
+    def generate(self, prompts: list[str], seeds: list[int], rng: torch.Generator, step_hook=None) -> SampleOutput:
         """The online model's images (and, with attribute concentration, its cross-attention at r grad steps)."""
         plan, record = self.plan(rng)
         record_attention = record if "segmenter" in dict(self.experts.items()) else False
         if record_attention and self.generator.attention_store is None:
             self.generator.enable_attention_capture(self.concentration_layers)
-        return self.generator.sample(prompts, seeds, self.sampling, policy=Fixed(plan), record_attention=record_attention)
+        return self.generator.sample(prompts, seeds, self.sampling, policy=Fixed(plan), record_attention=record_attention,
+                                     step_hook=step_hook)
 
     def real_latents(self, prompts: list[str], seeds: list[int], ids: Sequence[str] | None = None) -> torch.Tensor:
         """Final latents of the frozen base model for the same prompts and noise: read from the cache
@@ -267,6 +268,18 @@ class CoMat(AlignmentModule):
             return self.generator.sample(prompts, seeds, self.sampling, decode=False).latents
         finally:
             unet.enable_adapters()
+
+    def frozen_latents_lane(self, prompts: list[str], seeds: list[int]) -> BackgroundLane | None:
+        """:meth:`frozen_latents` on a second thread (:class:`~t2i_align.diffusion.generator.BackgroundLane`), sampled
+        by the generator's :meth:`~t2i_align.diffusion.generator.Generator.base_model` (the same function as the
+        adapters switched off), so that it runs beside the online model's chains; None where a lane does not pay
+        (not a 2-thread CPU) or cannot run (no LoRA: the frozen model is the online UNet itself)."""
+        generator = self.generator
+        if generator.config.lora is None or not generator.fast_sampling or not BackgroundLane.available(generator.device):
+            return None
+        base = generator.base_model()
+        embeddings = generator.encode_prompts(prompts)  # here: tokenizing is not for two threads at once
+        return BackgroundLane(lambda: base.sample(prompts, seeds, self.sampling, decode=False, embeddings=embeddings).latents)
 
     def real_latents_recipe(self) -> dict[str, Any]:
         """What the real latents depend on (a cache's ``recipe.json``): generator, sampler settings, resolution and
@@ -317,7 +330,7 @@ class CoMat(AlignmentModule):
             rows.append(load_cache_entry(path, prompt_id, prompt, shape))
         return torch.stack(rows).to(self.generator.device)
 
-    def mixed_latents(self, pairs: dict, rng: torch.Generator) -> tuple[torch.Tensor, list[str], int]:
+    def mixed_latents(self, pairs: dict, rng: torch.Generator, step_hook=None) -> tuple[torch.Tensor, list[str], int]:
         """Real pairs noised to tau ~ U[mix_t1, mix_t2] and denoised by the online model from there: (images,
         captions, start step). The grad steps keep the stride with a random phase over the shorter chain."""
         n = max(1, round(self.mix_ratio * len(pairs["captions"])))
@@ -331,7 +344,7 @@ class CoMat(AlignmentModule):
         policy = Strided(k, self.policy.stride, self.policy.detach_input)
         seeds = torch.randint(0, 2**62, (n,), generator=rng).tolist()
         out = self.generator.sample(captions, seeds, self.sampling, policy=policy, policy_rng=rng, init_latents=latents,
-                                    start_step=start)
+                                    start_step=start, step_hook=step_hook)
         return out.images, captions, start
 
     def concentration_losses(self, out: SampleOutput, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,12 +382,16 @@ class CoMat(AlignmentModule):
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         g_opt = optimizers[0]
         logs: dict[str, torch.Tensor] = {}
+        # the frozen model's chain (the real latents) beside the online model's, where that pays (frozen_latents_lane)
+        lane = self.frozen_latents_lane(prompts, seeds) if self.discriminator is not None and self.real_latents_dir is None else None
+        hook = None if lane is None else lane.poll
 
         with self.toggled_optimizer(g_opt):
-            out = self.generate(prompts, seeds, rng)
+            out = self.generate(prompts, seeds, rng, step_hook=hook)
             images, texts = out.images, prompts
             if self.mix_ratio > 0:
-                real_images, captions, start = self.mixed_latents(batch_pairs(batch, "CoMat's mixed latents (mix_ratio > 0)"), rng)
+                real_images, captions, start = self.mixed_latents(batch_pairs(batch, "CoMat's mixed latents (mix_ratio > 0)"), rng,
+                                                                  step_hook=hook)
                 images, texts = torch.cat([images, real_images]), texts + captions
                 logs["train/mix_start_step"] = torch.tensor(float(start))
             i2t = -self.captioner.log_likelihood(images, texts, rng).mean()
@@ -392,12 +409,14 @@ class CoMat(AlignmentModule):
 
         if self.discriminator is not None and g_loss is not None:
             d_opt = optimizers[1]
-            real = self.real_latents(prompts, seeds, ids)
+            real = lane.result() if lane is not None else self.real_latents(prompts, seeds, ids)
             with self.toggled_optimizer(d_opt):
                 d_loss = gan_losses(self.discriminate(real), self.discriminate(out.latents.detach()), for_generator=False)
                 self.manual_step(d_loss, d_opt, clip_norm=self.discriminator_clip_norm,
                                  sync=self.discriminator_parameters(), count_step=False)
             logs["train/d_loss"] = d_loss.detach()
+        elif lane is not None:
+            lane.result()  # a skipped update waits for its lane too (and takes its threads back)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
