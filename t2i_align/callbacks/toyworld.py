@@ -87,7 +87,8 @@ class ToyWorldEvaluation(GenerativeEvaluation):
         device = pl_module.device
         sums = trainer.strategy.reduce(self.sums.to(device), reduce_op="sum").cpu()
         counts = trainer.strategy.reduce(self.counts.to(device), reduce_op="sum").cpu()
-        self.pass_records = self._gather_records(trainer)
+        # the records are gathered only when something reads them: the files, or the fit's before/after summary
+        self.pass_records = self._gather_records(trainer) if self.per_image or self.evaluate_before_fit else []
         if self.per_image and trainer.is_global_zero:
             path = os.path.join(trainer.default_root_dir, "toy_eval", f"per_image_step_{trainer.global_step}.jsonl")
             with atomic_path(path) as tmp:
