@@ -3,7 +3,9 @@
 All functions take the head-averaged cross-attention map of ONE layer, ``maps: [B, h, w, T]`` (softmax over
 the T text tokens already applied, conditional branch only), and per sample a list of :class:`Grounding`
 (token positions into T + a binary mask at any resolution). Masks are resized to ``(h, w)`` with bilinear
-interpolation then ``> 0`` (TokenCompose Section 3). Losses are computed in float32 and return one value per sample,
+interpolation, antialiased when shrinking, then ``> 0`` (TokenCompose Section 3; CoMat's code resizes with
+torchvision's ``Resize(antialias=True)``): a non-empty mask never comes out empty, at the cost of lighting the
+cells next to the object too. Losses are computed in float32 and return one value per sample,
 ``Tensor[B]``; a sample without groups gives ``0`` that stays connected to ``maps`` (its gradient is zero).
 """
 
@@ -29,7 +31,8 @@ class Grounding:
 
 
 def resize_mask(mask: Tensor, size: int | tuple[int, int]) -> Tensor:
-    """Binary mask resized to ``size``: bilinear, then ``> 0``; returned as a float 0/1 tensor ``[h, w]``.
+    """Binary mask resized to ``size``: bilinear (antialiased when shrinking), then ``> 0``; returned as a float
+    0/1 tensor ``[h, w]``. Every object of a non-empty mask keeps at least one cell at any size.
 
     Args:
         mask: ``[H, W]`` bool or numeric mask (non-zero = inside).
@@ -38,7 +41,11 @@ def resize_mask(mask: Tensor, size: int | tuple[int, int]) -> Tensor:
     size = (size, size) if isinstance(size, int) else tuple(size)
     m = mask.float()
     if tuple(m.shape) != size:
-        m = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        # Plain bilinear reads only the 2x2 input pixels nearest each output cell's centre: shrinking 8x or more,
+        # small objects fall between those samples and vanish. The antialiased filter widens with the factor and
+        # covers every input pixel (as torchvision's Resize(antialias=True) in CoMat's code).
+        shrink = m.shape[0] > size[0] or m.shape[1] > size[1]
+        m = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False, antialias=shrink)[0, 0]
     return (m > 0).float()
 
 

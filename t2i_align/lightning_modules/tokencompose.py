@@ -2,10 +2,13 @@
 its segmentation mask (Wang et al., CVPR 2024, Section 3, Eq. 5-7; the authors' code: mlpc-ucsd/TokenCompose,
 train/src/train_token_compose.py, settings in train/train.sh).
 
-    L = L_LDM + sum over the supervised resolutions r of (token_weight * L_token(A_r) + pixel_weight * L_pixel(A_r))
+    L = L_LDM + sum over the supervised resolutions r of
+            (token_weight * sum over the layers l of r of L_token(A_l) + pixel_weight * L_pixel(mean over l of A_l))
 
-* ``A_r``: the head-averaged cross-attention of the *same* UNet forward as ``L_LDM``, averaged over the supervised
-  layers of resolution ``r`` (the authors' code groups them as mid_8, up_16, up_32, up_64 for SD1.4 at 512 px).
+* ``A_l``: the head-averaged cross-attention of layer ``l`` in the *same* UNet forward as ``L_LDM``. The token loss
+  is taken per layer and summed, the pixel loss once on the layers' mean map (paper Eq. 7; the authors' code:
+  train/src/loss_utils.py, ``get_grounding_loss_by_layer``, which groups the layers as mid_8, up_16, up_32, up_64
+  for SD1.4 at 512 px).
 * ``L_token`` and ``L_pixel``: :func:`~t2i_align.diffusion.attention_losses.token_loss` and ``pixel_loss``, one
   grounding per noun of the pair's ``attn_list`` (all of the noun's CLIP tokens; a noun repeated in the list is
   matched to its next occurrence in the caption); a noun without a mask (``null``) or whose mask is empty at a
@@ -48,16 +51,18 @@ def noun_groundings(caption: str, masks: Sequence[tuple[str, torch.Tensor | None
 def grounding_losses(store: AttentionStore, groundings: Sequence[Sequence[al.Grounding]],
                      resolutions: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L_token, L_pixel)`` per sample (``Tensor[B]`` each), summed over the recorded resolutions (all, or
-    those in ``resolutions``), the maps of one resolution averaged over its layers."""
+    those in ``resolutions``): at one resolution, L_token is summed over its layers and L_pixel is taken on the
+    mean of its layers' maps (see the module docstring)."""
     groups = {r: maps for r, maps in store.by_resolution().items() if resolutions is None or r in resolutions}
     if not groups:
         raise ValueError(f"no recorded cross-attention at resolutions {list(resolutions or [])}; recorded: "
                          f"{sorted(store.by_resolution())}")
     token, pixel = 0.0, 0.0
     for maps in groups.values():
-        mean = torch.stack(maps).mean(0)
-        token = token + al.token_loss(mean, groundings, empty="skip")
-        pixel = pixel + al.pixel_loss(mean, groundings, empty="skip")
+        # TokenCompose's get_grounding_loss_by_layer: a token loss per layer, the BCE on the layers' mean map
+        for layer_maps in maps:
+            token = token + al.token_loss(layer_maps, groundings, empty="skip")
+        pixel = pixel + al.pixel_loss(torch.stack(maps).mean(0), groundings, empty="skip")
     return token, pixel
 
 

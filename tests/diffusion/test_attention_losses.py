@@ -45,24 +45,55 @@ def random_mask(r: int, seed: int) -> torch.Tensor:
     return torch.rand(r, r, generator=torch.Generator().manual_seed(seed)) > 0.6
 
 
-def test_resize_mask_is_bilinear_then_positive():
-    m = torch.zeros(4, 4, dtype=torch.bool)
-    m[1, 2] = True  # a 4->2 bilinear resize averages 2x2 blocks: this pixel lights the top-right block
+def test_resize_mask_is_antialiased_bilinear_then_positive():
+    # 8 -> 2: the antialiased triangle filter of output cell 0 (centre 2) spans input pixels 0..5, cell 1
+    # (centre 6) pixels 2..7, so pixels 0-1 light only cell 0, 6-7 only cell 1, 2-5 both
+    m = torch.zeros(8, 8, dtype=torch.bool)
+    m[0, 7] = True
     torch.testing.assert_close(resize_mask(m, (2, 2)), torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
-    # nearest would sample (0, 0) and (0, 2) only and lose the pixel
-    assert F.interpolate(m[None, None].float(), size=(2, 2), mode="nearest").sum() == 0
-    m[3, 0] = True
-    torch.testing.assert_close(resize_mask(m, 2), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    m[4, 1] = True
+    torch.testing.assert_close(resize_mask(m, 2), torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+    # a lone corner pixel survives a factor-4 shrink (plain bilinear samples pixels 1 and 2 of each block only)
+    corner = torch.zeros(8, 8, dtype=torch.bool)
+    corner[0, 0] = True
+    torch.testing.assert_close(resize_mask(corner, 2), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert F.interpolate(corner[None, None].float(), size=(2, 2), mode="bilinear").sum() == 0
     # already at size: unchanged, as 0/1 floats
     torch.testing.assert_close(resize_mask(TOP_LEFT, (2, 2)), TOP_LEFT.float())
-    # upsampling: pixel (0, 0) of a 2x2 mask reaches output pixels 0..2 of each axis (weights 1, .75, .25)
+    # upsampling is plain bilinear: pixel (0, 0) of a 2x2 mask reaches output pixels 0..2 of each axis
     up = torch.zeros(4, 4)
     up[:3, :3] = 1
     torch.testing.assert_close(resize_mask(TOP_LEFT, 4), up)
-    # a factor-4 downscale samples pixels 1 and 2 of each block: a lone corner pixel vanishes
-    corner = torch.zeros(8, 8, dtype=torch.bool)
-    corner[0, 0] = True
-    assert resize_mask(corner, 2).sum() == 0
+    # an empty mask stays empty at any size
+    for size in (2, 4, 8, 128):
+        assert resize_mask(torch.zeros(64, 64, dtype=torch.bool), size).sum() == 0
+
+
+@pytest.mark.parametrize("size", [8, 4, 2])
+def test_resize_mask_keeps_a_small_object_anywhere(size):
+    """A 3x3 square at every position of a 64x64 mask stays non-empty when shrunk 8x, 16x and 32x (plain bilinear
+    interpolation point-samples and loses most of them)."""
+    lost = []
+    for y in range(62):
+        for x in range(62):
+            m = torch.zeros(64, 64, dtype=torch.bool)
+            m[y:y + 3, x:x + 3] = True
+            if resize_mask(m, size).sum() == 0:
+                lost.append((y, x))
+    assert not lost, f"{len(lost)} of {62 * 62} positions lost at {size}x{size}, e.g. {lost[:3]}"
+
+
+def test_resize_mask_keeps_every_toyworld_object():
+    """ToyWorld's natural training scenes (64 px, per-object masks): no object vanishes at the 4x4 and 2x2 maps
+    of its UNet (plain bilinear loses about a quarter of them at 4x4 and over half at 2x2)."""
+    from t2i_align.toyworld.splits import natural_scenes
+    from t2i_align.toyworld.world import render
+
+    masks = [torch.from_numpy(m) for scene in natural_scenes(0, 200, set()) for m in render(scene)[1]]
+    assert len(masks) > 200 and all(m.any() for m in masks)
+    for size in (4, 2):
+        empty = sum(int(resize_mask(m, size).sum() == 0) for m in masks)
+        assert empty == 0, f"{empty} of {len(masks)} object masks empty at {size}x{size}"
 
 
 def test_comat_eq4_eq5_single_entity():
@@ -111,10 +142,10 @@ def test_token_loss_known_values_and_empty_masks():
     nouns = [[Grounding((1,), TOP_LEFT), Grounding((2,), EMPTY)]]
     close(token_loss(maps, nouns, empty="skip"), 0.49)
     close(token_loss(maps, nouns, empty="keep"), (0.49 + 1.0) / 2)  # all-zero target: (1 - 0)^2
-    # a mask that becomes empty only after resizing is skipped too
+    # a small object shrunk to the map's size keeps its cell: token 2 has 0.2 of its 0.8 there
     corner = torch.zeros(8, 8, dtype=torch.bool)
     corner[0, 0] = True
-    close(token_loss(maps, [[Grounding((1,), TOP_LEFT), Grounding((2,), corner)]]), 0.49)
+    close(token_loss(maps, [[Grounding((1,), TOP_LEFT), Grounding((2,), corner)]]), (0.49 + (1 - 0.25) ** 2) / 2)
     with pytest.raises(ValueError):
         token_loss(maps, nouns, empty="drop")
 

@@ -45,21 +45,23 @@ def store_of(maps: dict[str, torch.Tensor]) -> AttentionStore:
 
 
 def test_grounding_losses_on_hand_made_maps():
-    """Token 1 is the noun; its mask is the left half. At 4x4, one layer puts all of the noun's attention inside
-    the mask and one spreads it uniformly: their mean holds 3/4 of it inside. At 2x2 all of it is inside."""
+    """Token 1 is the noun; its mask is the left column. At 4x4, one layer puts all of the noun's attention inside
+    the mask and one spreads it uniformly: L_token sums their token losses, L_pixel takes the BCE of their mean
+    map. At 2x2 (one layer) all of it is inside."""
     left4 = torch.zeros(4, 4)
-    left4[:, :2] = 1
+    left4[:, 0] = 1
     inside, uniform = torch.zeros(1, 4, 4, 3), torch.zeros(1, 4, 4, 3)
-    inside[0, :, :2, 1] = 1 / 8
+    inside[0, :, 0, 1] = 1 / 4
     uniform[0, :, :, 1] = 1 / 16
     small = torch.zeros(1, 2, 2, 3)
     small[0, :, 0, 1] = 0.5
     store = store_of({"up.a": inside, "up.b": uniform, "mid": small})
-    groups = [[al.Grounding((1,), left4.bool())]]  # the mask is resized to each resolution
+    groups = [[al.Grounding((1,), left4.bool())]]  # the mask is resized to each resolution (left column at 2x2)
     token, pixel = grounding_losses(store, groups)
     assert token.shape == (1,)
-    assert float(token) == pytest.approx((1 - 0.75) ** 2)  # the 2x2 map adds 0
-    bce4 = 0.5 * -math.log(3 / 32) + 0.5 * -math.log(1 - 1 / 32)  # mean map: 3/32 inside, 1/32 outside
+    # 0 (inside) + (1 - 1/4)^2 (uniform); the mean map (5/8 inside) would give (1 - 5/8)^2; the 2x2 map adds 0
+    assert float(token) == pytest.approx(0 + (1 - 1 / 4) ** 2)
+    bce4 = 0.25 * -math.log(5 / 32) + 0.75 * -math.log(1 - 1 / 32)  # mean map: 5/32 inside, 1/32 outside
     bce2 = 0.5 * -math.log(0.5) + 0.5 * -math.log(1 - 1e-6)
     assert float(pixel) == pytest.approx(bce4 + bce2, rel=1e-5)
     token2, pixel2 = grounding_losses(store, groups, resolutions=[2])
@@ -69,6 +71,25 @@ def test_grounding_losses_on_hand_made_maps():
     # an empty mask is skipped: that sample's terms are 0
     token0, pixel0 = grounding_losses(store, [[al.Grounding((1,), torch.zeros(4, 4, dtype=torch.bool))]])
     assert float(token0) == 0 and float(pixel0) == 0
+
+
+def test_token_loss_sums_the_layers_and_pixel_loss_takes_their_mean_map():
+    """TokenCompose's code (train/src/loss_utils.py, get_grounding_loss_by_layer) and Eq. 7: per resolution, one
+    token loss per layer, summed; one pixel loss of the layers' mean map. Three layers at 8x8, two at 4x4."""
+    g = torch.Generator().manual_seed(0)
+    layers = {f"up.{r}.{i}": torch.randn(2, r, r, 77, generator=g).mul(3).softmax(-1)
+              for r, n in ((8, 3), (4, 2)) for i in range(n)}
+    masks = [torch.zeros(16, 16, dtype=torch.bool) for _ in range(3)]  # blocks: still partial at 4x4
+    masks[0][:8, :8], masks[1][:, 12:], masks[2][13:] = True, True, True
+    groups = [[al.Grounding((2,), masks[0]), al.Grounding((4, 5), masks[1])], [al.Grounding((3,), masks[2])]]
+    token, pixel = grounding_losses(store_of(layers), groups)
+    by_res = {r: [m for name, m in layers.items() if name.startswith(f"up.{r}.")] for r in (8, 4)}
+    expected_token = sum(al.token_loss(m, groups) for maps in by_res.values() for m in maps)
+    expected_pixel = sum(al.pixel_loss(torch.stack(maps).mean(0), groups) for maps in by_res.values())
+    torch.testing.assert_close(token, expected_token)
+    torch.testing.assert_close(pixel, expected_pixel)
+    of_mean = sum(al.token_loss(torch.stack(maps).mean(0), groups) for maps in by_res.values())
+    assert (token - of_mean).abs().min() > 1e-3  # not the token loss of the mean map
 
 
 def test_a_batch_gives_each_sample_its_own_loss_through_the_unet(tiny_sd, tokenizer):
