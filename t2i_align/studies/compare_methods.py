@@ -44,6 +44,9 @@ METHODS = {m.name: m for m in (
     Model("ReFL (CLIP reward)", (REFL, TOYWORLD, "configs/experiment/toyworld_refl_clip.yaml"),
           "runs/toyworld_refl_clip"),
     Model("ARL", (ARL, TOYWORLD, "configs/experiment/toyworld_arl.yaml"), "runs/toyworld_arl"),
+    # the positive control: the judge keeps the candidate (an oracle)
+    Model("ARL (oracle selection)", (ARL, TOYWORLD, "configs/experiment/toyworld_arl.yaml",
+                                     "configs/experiment/toyworld_arl_oracle.yaml"), "runs/toyworld_arl_oracle"),
 )}
 CONSISTENCY_TOLERANCE = 1e-3
 markdown = report.markdown  # this study's tables: the comparison against the base
