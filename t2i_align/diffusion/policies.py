@@ -22,7 +22,7 @@ import torch
 class StepPlan:
     grad_steps: frozenset[int]
     stop_at: int | None = None  # predict x0 in one step from x_t at this step and stop (ReFL)
-    detach_input: bool = False  # detach the UNet input at grad steps (CoMat's SDXL code)
+    detach_input: bool = False  # detach the UNet input at grad steps (CoMat Algorithm 1 and its SDXL code)
 
 
 def _randint(low: int, high: int, rng: torch.Generator | None) -> int:
