@@ -10,7 +10,11 @@ Parsing rules of :func:`parse_entities` (``en_core_web_sm`` labels):
   noun (``compound``/``amod``/``nummod``/``npadvmod`` whose head is a noun: then it is part of that
   noun's entity, see below) or it is an attribute of another entity (e.g. ``conj`` "gold" in "a red
   and gold car"). A ``VERB`` with the determiner "a"/"an" is taken as a noun too (the small model
-  tags "rose", "acorn", "sled" as verbs in "a red rose", ...).
+  tags "rose", "acorn", "sled" as verbs in "a red rose", ...), and so is an adjective with "a"/"an"
+  in a noun's place (``ROOT``/``conj``/``dobj``/``pobj``/``appos``: "square" in "a plain square").
+  A colour/material/shape word, adjective or number that spaCy makes the ``nsubj`` of a noun (or of
+  an attribute) after it, with only such words in between, modifies that word: "cyan" in "two big
+  striped cyan triangles", "two" (subject of "striped") in "two striped triangles".
 * **Compound nouns are folded into the noun**: "a fire hydrant" gives the noun "fire hydrant", so
   the segmenter is prompted with the object's full name ("stop sign", "teddy bear", "traffic
   light"; the head alone would be ambiguous or wrong). Only the contiguous run of ``compound``
@@ -23,9 +27,12 @@ Parsing rules of :func:`parse_entities` (``en_core_web_sm`` labels):
   and participles: "red", "wooden", "sleeping"), ``nummod`` (numbers: "two"), ``compound`` that is
   not folded, and ``nmod``/``npadvmod`` of the head that is a colour/material/shape word; then,
   recursively, ``conj`` of an attribute that is itself attribute-like ("a red and blue car" ->
-  "red", "blue") and ``amod``/``npadvmod``/``compound`` children of an attribute (shade words such
-  as "light" in "light blue" when spaCy hangs them under the colour). Adverbs (``advmod``: "very", "extremely") and determiners are not
-  attributes.
+  "red", "blue") and ``amod``/``npadvmod``/``compound``/``nummod`` children of an attribute (shade
+  words such as "light" in "light blue" when spaCy hangs them under the colour, a count hung under
+  an adjective). Adverbs (``advmod``: "very", "extremely") and determiners are not attributes,
+  except an ``advmod`` of the noun or of an attribute that is an adjective or a listed quality word
+  (:data:`ATTRIBUTE_NOUNS`: the small model reads "a plain red circle" as "plainly red", "a small
+  striped square" as "smally striped").
 * **Predicate adjectives**: an ``acomp`` (and its ``conj``) of a verb or copula is an attribute of
   the verb's ``nsubj`` noun and of the nouns conjoined with it ("the car is red", "the apple and
   the banana are yellow", "the car looks red"); in a relative clause whose subject is a relative
@@ -39,7 +46,9 @@ Parsing rules of :func:`parse_entities` (``en_core_web_sm`` labels):
   entities "table" and "wood"; "a car of red color" loses "red" with the dropped noun "color"),
   adjectives that spaCy does not attach to the noun, and misparses of the small model (e.g.
   ``en_core_web_sm`` 3.8 parses "a fire hydrant" alone as noun "fire" + adverb "hydrant", while
-  "a red fire hydrant" and "a fire hydrant and a dog" parse correctly).
+  "a red fire hydrant" and "a fire hydrant and a dog" parse correctly; in ToyWorld, about 1 in 300
+  of all its phrase combinations, e.g. "a striped cyan square below ..." -> noun "cyan", and "three
+  striped cyan triangles above ..." -> "cyan" root with "triangles" as its apposition).
 """
 
 from __future__ import annotations
@@ -75,17 +84,20 @@ NON_OBJECT_NOUNS: frozenset[str] = frozenset(
        "lot", "group", "pair"}
 )
 
-#: Nouns that describe another noun's colour, material or shape when they modify it as a
-#: ``compound`` ("a leather wallet", "a gold clock", "an oval table"): kept as attributes instead of
-#: being folded into the noun (lower-case lemmas).
+#: Words that describe another noun's colour, material, texture or shape but that the small model may
+#: tag as nouns (a ``compound``: "a leather wallet", "a gold clock", "an oval table", "a cyan circle") or
+#: as adverbs (an ``advmod``: "plain" in "a plain red circle", read as "plainly red"): kept as attributes
+#: instead of being folded into the noun or dropped (lower-case lemmas). ToyWorld's colour and texture
+#: words are all here (tests/experts/test_entities.py checks every one of them).
 ATTRIBUTE_NOUNS: frozenset[str] = frozenset(
-    # colours the small model tags as nouns
+    # colours the small model tags as nouns ("cyan" as a proper noun)
     {"red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray",
-     "grey", "gold", "silver", "bronze", "violet", "beige", "turquoise", "teal", "maroon", "navy"}
-    # materials and textures (T2I-CompBench's texture category)
+     "grey", "gold", "silver", "bronze", "violet", "beige", "turquoise", "teal", "maroon", "navy", "cyan",
+     "magenta", "tan"}
+    # materials and textures (T2I-CompBench's texture category; ToyWorld's "plain" and "striped")
     | {"leather", "rubber", "glass", "fabric", "plastic", "metal", "wood", "wooden", "paper", "stone",
        "steel", "iron", "copper", "cotton", "wool", "silk", "velvet", "denim", "ceramic", "porcelain",
-       "marble", "brick", "concrete", "crystal", "diamond"}
+       "marble", "brick", "concrete", "crystal", "diamond", "plain", "striped"}
     # shapes (T2I-CompBench's shape category)
     | {"oval", "round", "square", "circle", "circular", "triangle", "triangular", "rectangle",
        "rectangular", "cube", "cubic", "sphere", "spherical", "cylinder", "cylindrical", "cone",
@@ -99,9 +111,12 @@ _NOUN_POS = frozenset({"NOUN", "PROPN"})
 # and yellow bananas" -> apple nmod-> bananas), which is an object of its own.
 _NOUN_MODIFIER_DEPS = frozenset({"compound", "amod", "nummod", "npadvmod"})
 _ATTR_DEPS = frozenset({"amod", "nummod"})
-# Children of an attribute that belong to it ("light" in "light blue", "pale" in "pale pink").
-_ATTR_CHILD_DEPS = frozenset({"amod", "npadvmod", "compound"})
+# Children of an attribute that belong to it ("light" in "light blue", "pale" in "pale pink", "three"
+# hung under "striped" in "three striped cyan triangles").
+_ATTR_CHILD_DEPS = frozenset({"amod", "npadvmod", "compound", "nummod"})
 _RELATIVE_TAGS = frozenset({"WDT", "WP"})
+# Roles of a noun phrase's head in which an adjective with "a"/"an" can only be a mistagged noun.
+_NOMINAL_DEPS = frozenset({"ROOT", "conj", "dobj", "pobj", "appos"})
 
 Span = tuple[int, int]
 
@@ -210,26 +225,47 @@ def _merge_hyphenated(doc: Any) -> Any:
     return doc
 
 
+def _listed(tok: Any) -> bool:
+    return tok.lemma_.lower() in ATTRIBUTE_NOUNS or tok.text.lower() in ATTRIBUTE_NOUNS
+
+
 def _attribute_word(tok: Any, participles: bool = True) -> bool:
     """True if ``tok`` names a quality: adjective, number, colour/material/shape noun, and (if
     ``participles``) participle ("striped")."""
     return (tok.pos_ in ("ADJ", "NUM") or tok.tag_.startswith("JJ")
-            or (participles and tok.tag_ in ("VBN", "VBG"))
-            or tok.lemma_.lower() in ATTRIBUTE_NOUNS or tok.text.lower() in ATTRIBUTE_NOUNS)
+            or (participles and tok.tag_ in ("VBN", "VBG")) or _listed(tok))
+
+
+def _quality_adverb(tok: Any) -> bool:
+    """An ``advmod`` that names a quality: an adjective ("small" in "a small striped square") or a listed
+    word ("plain" in "a plain red circle"), unlike the adverbs "very", "extremely"."""
+    return tok.dep_ == "advmod" and _attribute_word(tok, participles=False)
 
 
 def _is_noun(tok: Any) -> bool:
     """A noun, or a verb with an indefinite article: the small model tags some nouns as verbs ("a red
-    rose", "a green acorn", "a blue sled"), and no verb takes "a"/"an" as its determiner. (Adjectives
-    with "a" are not repaired: there the noun is usually lost elsewhere, as in "a white rose" ->
-    "white" subject of the verb "rose".)"""
+    rose", "a green acorn", "a blue sled"), and no verb takes "a"/"an" as its determiner; or an
+    adjective with "a"/"an" in a noun's place (root, conjunct, object: "a plain square"). Other
+    adjectives with "a" are not repaired: there the noun is usually lost elsewhere, as in "a white rose"
+    -> "white" subject of the verb "rose"."""
     if tok.pos_ in _NOUN_POS:
         return True
-    return tok.pos_ == "VERB" and any(c.dep_ == "det" and c.lower_ in ("a", "an") for c in tok.children)
+    nominal = tok.pos_ == "VERB" or (tok.pos_ == "ADJ" and tok.dep_ in _NOMINAL_DEPS)
+    return nominal and any(c.dep_ == "det" and c.lower_ in ("a", "an") for c in tok.children)
+
+
+def _subject_modifier(tok: Any) -> bool:
+    """A quality word parsed as the subject of a word after it with only quality words in between, as if
+    that word were a verb ("cyan" -> "triangles" in "two big striped cyan triangles", "two" -> "striped"
+    in "two striped cyan triangles"): a modifier of that word (noun or attribute)."""
+    head = tok.head
+    return (tok.dep_ == "nsubj" and tok.i < head.i and _attribute_word(tok, participles=False)
+            and all(_attribute_word(t) for t in tok.doc[tok.i + 1 : head.i]))
 
 
 def _modifies_noun(tok: Any) -> bool:
-    return tok.dep_ in _NOUN_MODIFIER_DEPS and tok.head is not tok and tok.head.pos_ in _NOUN_POS
+    return tok.head is not tok and _is_noun(tok.head) and (
+        tok.dep_ in _NOUN_MODIFIER_DEPS or _subject_modifier(tok))
 
 
 def _fold_compounds(head: Any) -> list[Any]:
@@ -258,7 +294,8 @@ def _attributes(head: Any, noun: list[Any]) -> list[Any]:
         for child in tok.children:
             if child in noun:
                 continue
-            modifier = child.dep_ in _ATTR_DEPS or child.dep_ == "compound"
+            modifier = (child.dep_ in _ATTR_DEPS or child.dep_ == "compound" or _quality_adverb(child)
+                        or _subject_modifier(child))
             # nmod/npadvmod only when it names a quality ("rubber" in a misparsed "a rubber eraser")
             quality = tok is head and child.dep_ in ("nmod", "npadvmod") and _attribute_word(child)
             if modifier or quality:
@@ -275,7 +312,8 @@ def _expand(attrs: list[Any]) -> list[Any]:
             continue
         out.append(tok)
         for child in tok.children:
-            if (child.dep_ == "conj" and _attribute_word(child)) or child.dep_ in _ATTR_CHILD_DEPS:
+            if ((child.dep_ == "conj" and _attribute_word(child)) or child.dep_ in _ATTR_CHILD_DEPS
+                    or _quality_adverb(child) or _subject_modifier(child)):
                 stack.append(child)
     return out
 

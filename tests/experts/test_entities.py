@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,9 @@ from transformers import CLIPTokenizer
 from t2i_align.diffusion.assets import TINY_TOKENIZER_DIR
 from t2i_align.diffusion.tokens import load_spacy
 from t2i_align.experts.entities import ATTRIBUTE_NOUNS, NON_OBJECT_NOUNS, Entity, parse_entities
+from t2i_align.toyworld.world import (
+    COLOURS, COMPOSITIONAL, COUNT_WORDS, SHAPES, SIZES, TEXTURES, Phrase, PromptSpec, sample_spec,
+)
 
 
 @pytest.fixture(scope="module")
@@ -327,3 +332,96 @@ def test_compbench_colour_words_on_the_right_noun(benchmarks: Path, nlp: Any, to
         attached += sum(m.span() in spans for m in doc_colours)
     assert total >= 300
     assert attached / total >= 0.88, (attached, total)
+
+
+# --- ToyWorld prompts: every attribute word of the world is an attribute, the noun is the shape alone ---------
+
+_TOY_ATTRIBUTE_WORDS = [*COLOURS, *SIZES, *TEXTURES, *COUNT_WORDS.values()]
+
+
+def _toy_expected(spec: PromptSpec) -> list[tuple[str, tuple[str, ...]]]:
+    """The entities of a ToyWorld prompt: per phrase, the shape (plural with a count) and its words in order."""
+    out = []
+    for p in spec.phrases:
+        count = (COUNT_WORDS[p.count],) if p.count > 1 else ()
+        out.append((p.shape + ("s" if p.count > 1 else ""), count + tuple(w for w in (p.size, p.texture, p.colour) if w)))
+    return out
+
+
+def _phrase_with(word: str, shape: str, full: bool) -> Phrase:
+    """A phrase of ``shape`` that states ``word``; with ``full``, every other attribute is stated too."""
+    fields = {"colour": "red", "size": "small", "texture": "striped", "count": 1} if full else {"count": 1}
+    if word in COLOURS:
+        fields["colour"] = word
+    elif word in SIZES:
+        fields["size"] = word
+    elif word in TEXTURES:
+        fields["texture"] = word
+    else:
+        fields["count"] = next(n for n, w in COUNT_WORDS.items() if w == word)
+    return Phrase(shape, **fields)
+
+
+@pytest.mark.parametrize("word", _TOY_ATTRIBUTE_WORDS)
+def test_toyworld_attribute_words(word: str, nlp: Any, tok: CLIPTokenizer) -> None:
+    """CoMat Section 4.2: the segmenter gets the noun alone. For every colour, size, texture and count word of
+    ToyWorld (read from world.py, so a new word is covered) and every shape, the noun is the shape and the
+    word is one of its attributes: alone, with all attributes, and as first or second object of a pair
+    ("a small striped cyan star and a big plain red square")."""
+    article = word != COUNT_WORDS[1]  # "one circle" (the world writes "a circle" in prompts)
+    for shape in SHAPES:
+        other = Phrase(SHAPES[(SHAPES.index(shape) + 1) % len(SHAPES)], 1, "red", "big", "plain")
+        for phrase in (_phrase_with(word, shape, full=False), _phrase_with(word, shape, full=True)):
+            (entity,) = _toy_expected(PromptSpec((phrase,)))
+            if not article:
+                entity = (entity[0], (word, *entity[1]))
+            (rest,) = _toy_expected(PromptSpec((other,)))
+            text = phrase.text(article)
+            for prompt, want in [(text, [entity]), (f"{text} and {other.text()}", [entity, rest]),
+                                 (f"{other.text()} and {text}", [rest, entity])]:
+                assert parse(prompt, nlp, tok) == want, prompt  # noun == the shape, ``word`` among its attributes
+
+
+def test_toyworld_compositional_prompts(nlp: Any, tok: CLIPTokenizer) -> None:
+    """Measured over ToyWorld's compositional prompts (all four templates, as ``sample_spec`` draws them): no
+    entity's noun contains an attribute word ("cyan circle"), no attribute word is lost ("plain"), and each
+    phrase gives exactly its shape and its words."""
+    rng = random.Random(0)
+    words = set(_TOY_ATTRIBUTE_WORDS)
+    entities = nouns_with_attributes = stated = lost = 0
+    wrong = []
+    for spec in (sample_spec(COMPOSITIONAL, rng) for _ in range(300)):
+        prompt = spec.text()
+        found = parse_entities(prompt, nlp, tok)
+        check(prompt, found, tok)
+        entities += len(found)
+        nouns_with_attributes += sum(bool(set(e.noun.lower().split()) & words) for e in found)
+        want = _toy_expected(spec)
+        stated += sum(len(a) for _, a in want)
+        lost += sum((Counter(a for _, attrs in want for a in attrs)
+                     - Counter(a.lower() for e in found for a in e.attributes)).values())
+        if summary(found) != want:
+            wrong.append((prompt, summary(found)))
+    assert entities >= 600 and stated >= 1000
+    assert (nouns_with_attributes, lost) == (0, 0), wrong[:10]
+    assert wrong == [], wrong[:10]
+
+
+def test_compbench_nouns_carry_no_attribute_word(benchmarks: Path, nlp: Any) -> None:
+    """T2I-CompBench's colour/texture/shape prompts (val and train): no noun handed to the segmenter keeps a
+    colour/texture/shape word as a modifier (CoMat Section 4.2), e.g. "tan bath tub" -> "bath tub" + "tan".
+    The words are those of the "a(n) <attr> <noun> and a(n) <attr> <noun>" prompts, ToyWorld's colours and
+    "tan" (a colour of the longer prompts); before the fix, 4 nouns broke this ("tan bath tub", "tan sink",
+    "tan toliet", "sky tan eyes")."""
+    root = benchmarks / "t2i_compbench"
+    files = [root / f"{cat}_{split}.txt" for cat in ("color", "texture", "shape") for split in ("val", "train")]
+    prompts = [p for f in files for p in _read_prompts(f)]
+    words = {"tan", *COLOURS}
+    for prompt in prompts:
+        m = _TWO_OBJECTS.match(prompt.lower())
+        if m:
+            words |= {m.group(1), m.group(3)}
+    assert len(prompts) >= 3000 and {"red", "wooden", "oval"} <= words
+    nouns = [e.noun for p in prompts for e in parse_entities(p, nlp)]
+    assert len(nouns) >= 6000
+    assert [n for n in nouns if set(n.lower().split()[:-1]) & words] == []

@@ -1,5 +1,6 @@
 """SAM reward: answer parsing, the (S - 2L) / (2L) normalisation, ToyWorld's exact experts, the LM judge."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,6 +8,7 @@ from t2i_align.experts.likelihood import LABELS, CausalLMJudge, parse_likelihood
 from t2i_align.rewards import SAMReward
 from t2i_align.rewards.sam import sam_score
 from t2i_align.toyworld.experts.sam_reward import ToyLikelihoodJudge, ToyTagger
+from t2i_align.toyworld.world import Obj, Scene, parse_prompt, render
 from tests.helpers import RenderingGenerator
 
 
@@ -30,12 +32,28 @@ def test_code_normalisation():
     assert sam_score([]) == -0.5
 
 
-def test_toy_judge_rules():
-    judge = ToyLikelihoodJudge()
+TAGS = ["big plain red circle", "small striped blue square", "small plain blue square", "big plain green circle",
+        "big plain yellow star"]
+
+
+def test_toy_judge_labels_the_category():
+    """FineRewards' SAM reward asks about Tag2Text tags, i.e. object categories: a tag whose shape the prompt names
+    is "certain" whatever its colour, size or texture; the others are "unlikely"."""
     prompt = "a red circle and a striped blue square"
-    assert judge(prompt, ["big plain red circle", "small striped blue square", "small plain blue square",
-                          "big plain green circle", "big plain yellow star"]) == \
-        ["certain", "certain", "may", "may", "unlikely"]
+    assert ToyLikelihoodJudge()(prompt, TAGS) == ["certain", "certain", "certain", "certain", "unlikely"]
+    assert ToyLikelihoodJudge()("two green stars", TAGS) == ["unlikely"] * 4 + ["certain"]
+
+
+def test_toy_judge_attribute_aware_option():
+    """``attributes=True`` (the former rule, for ablations): "may" when a stated colour/size/texture differs."""
+    judge = ToyLikelihoodJudge(attributes=True)
+    assert judge("a red circle and a striped blue square", TAGS) == ["certain", "certain", "may", "may", "unlikely"]
+
+
+def test_toy_judge_description_keeps_the_attributes():
+    judge = ToyLikelihoodJudge()
+    assert judge.describe("a red circle and a striped blue square", TAGS) == \
+        ["red circle", "striped blue square", "striped blue square", "red circle", None]
 
 
 def test_toyworld_sam_reward_on_exact_renders():
@@ -45,8 +63,30 @@ def test_toyworld_sam_reward_on_exact_renders():
     swapped = RenderingGenerator(swap_colours=True).sample([prompt], [0]).images  # blue circle, red square
     other = RenderingGenerator().sample(["a green triangle to the left of a yellow star"], [0]).images
     scores = reward(torch.cat([right, swapped, other]), [prompt] * 3)
-    torch.testing.assert_close(scores, torch.tensor([0.5, 0.0, -0.5]))  # certain x2, may x2, unlikely x2
+    torch.testing.assert_close(scores, torch.tensor([0.5, 0.5, -0.5]))  # certain x2 (categories), twice; unlikely x2
     assert reward(torch.ones(1, 3, 64, 64), [prompt]).item() == -0.5  # nothing detected
+    aware = SAMReward(ToyTagger(), ToyLikelihoodJudge(attributes=True))
+    torch.testing.assert_close(aware(torch.cat([right, swapped, other]), [prompt] * 3), torch.tensor([0.5, 0.0, -0.5]))
+
+
+def rendered(objects: list[Obj], prompt: str) -> torch.Tensor:
+    image, _ = render(Scene(parse_prompt(prompt), tuple(objects)))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()[None] / 255
+
+
+def test_sam_reward_prefers_a_wrong_colour_object_to_a_missing_one():
+    """Drawing the asked-for square in the wrong colour scores at least as well as leaving it out: the reward
+    scores categories (FineRewards Eq. 6), attributes are the fine stage's and the other rewards' business."""
+    prompt = "a red circle to the left of a blue square"
+    circle = Obj("circle", "red", "big", "plain", 18.0, 32.0)
+    wrong = rendered([circle, Obj("square", "green", "big", "plain", 46.0, 32.0)], prompt)
+    missing = rendered([circle], prompt)
+    assert ToyTagger().tags(torch.cat([wrong, missing])) == [["big plain red circle", "big plain green square"],
+                                                             ["big plain red circle"]]
+    reward = SAMReward(ToyTagger(), ToyLikelihoodJudge())
+    with_wrong, without = reward(torch.cat([wrong, missing]), [prompt] * 2).tolist()
+    assert with_wrong >= without
+    assert (with_wrong, without) == (0.5, 0.5)
 
 
 def test_sam_reward_rejects_a_judge_that_answers_off_the_label_set():
