@@ -4,7 +4,7 @@ the chosen checkpoints against the base on the evaluation prompts. The kind of s
 
 1. Every arm (a :class:`~t2i_align.studies.harness.Model` with its run folder) is trained with ``t2i-align fit`` on
    its stack followed by ``configs/eval/toyworld_val.yaml`` for ``--max-steps`` generator updates: the toy metrics
-   on the validation prompts (50 per category, disjoint from the evaluation and training prompts) at step 0 and
+   on the validation prompts (50 per category x 3 seeds, disjoint from the evaluation and training prompts) at step 0 and
    every 100 steps, every image's verdicts and every 100-step checkpoint kept. A run whose ``toy_eval.json``
    reached ``--max-steps`` (or went further: its later steps are ignored) is reused (``--retrain`` forces it).
 2. Each arm's stopping step is the saved step (> 0) with the highest validation ``all_clauses`` (mean over
