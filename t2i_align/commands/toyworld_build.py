@@ -4,6 +4,8 @@ Layout (everything deterministic from the seed)::
 
     OUT/natural/metadata.jsonl (+ images/, masks/)    natural pairs: pretraining and L_pre data
     OUT/natural_val/metadata.jsonl                    held-out natural pairs (validation, FID reference)
+    OUT/coco_like/metadata.jsonl (+ images/, masks/)  pairs with natural colours and 2-4 objects each, exact
+                                                      per-noun masks (TokenCompose's COCO premise)
     OUT/prompts/compositional_train.txt               compositional training prompts
     OUT/prompts/eval/<category>.txt                   evaluation prompts (T2I-CompBench-style txt)
     OUT/prompts/val/<category>.txt                    held-out validation prompts per category (stopping steps,
@@ -31,11 +33,11 @@ from t2i_align.toyworld.splits import (
     write_pairs,
     write_prompts,
 )
-from t2i_align.toyworld.world import COMPOSITIONAL, NATURAL
+from t2i_align.toyworld.world import COCO_LIKE, COMPOSITIONAL, NATURAL
 
 
 def build(out: str | Path, seed: int = 0, natural: int = 20000, natural_val: int = 512, train_prompts: int = 5000,
-          eval_per_category: int = 100, size: int = 64, val_per_category: int = 50) -> Path:
+          eval_per_category: int = 100, size: int = 64, val_per_category: int = 50, coco_like: int = 4000) -> Path:
     """Write all splits into ``out`` (replaced atomically) and return it."""
     out = Path(out)
     with atomic_path(out, is_dir=True) as tmp:
@@ -54,15 +56,18 @@ def build(out: str | Path, seed: int = 0, natural: int = 20000, natural_val: int
         scenes = natural_scenes(seed, natural + natural_val, eval_texts)
         write_pairs(scenes[:natural], tmp / "natural", size)
         write_pairs(scenes[natural:], tmp / "natural_val", size)
+        # drawn from their own stream after the others, so adding them changed none of the other splits
+        write_pairs(natural_scenes(seed, coco_like, eval_texts, COCO_LIKE), tmp / "coco_like", size)
         manifest = {
             "seed": seed,
             "image_size": size,
             "natural": natural,
             "natural_val": natural_val,
+            "coco_like": coco_like,
             "train_prompts": train_prompts,
             "eval_per_category": eval_per_category,
             "val_per_category": val_per_category,
-            "distributions": [dataclasses.asdict(NATURAL), dataclasses.asdict(COMPOSITIONAL)],
+            "distributions": [dataclasses.asdict(d) for d in (NATURAL, COMPOSITIONAL, COCO_LIKE)],
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
@@ -78,9 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-per-category", type=int, default=100)
     parser.add_argument("--val-per-category", type=int, default=50, help="held-out validation prompts per category")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--coco-like", type=int, default=4000, help="COCO-like pairs (several objects per image)")
     args = parser.parse_args(argv)
     build(args.out, args.seed, args.natural, args.natural_val, args.train_prompts, args.eval_per_category, args.size,
-          args.val_per_category)
+          args.val_per_category, args.coco_like)
     print(f"wrote ToyWorld splits to {args.out}")
 
 

@@ -70,7 +70,8 @@ class ARL(AlignmentModule):
     def training_step(self, batch: dict, batch_idx: int):
         """Noise-prediction loss on the round's kept pairs (as :class:`Finetune`)."""
         pairs = batch_pairs(batch, "ARL")
-        loss = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_rng())
+        loss = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_rng(),
+                                           caption_dropout=self.caption_dropout)
         return self.finish_step(loss, batch_size=len(pairs["captions"]))
 
     def round_dir(self, round_index: int) -> Path:

@@ -94,6 +94,9 @@ class AlignmentModule(L.LightningModule):
         lr_scheduler: optional scheduler, stepped every optimizer step.
         seed: base of every per-step random stream (noise, timesteps, sampling).
         max_consecutive_nonfinite: stop the run after this many consecutive steps with a NaN/inf loss.
+        caption_dropout: probability that a training pair is learned with the empty caption in the denoising loss
+            (Finetune, TokenCompose, ARL, ReFL's L_pre): keeps the unconditional branch that CFG samples with. SD was
+            pretrained with 10 %, as was the ToyWorld base.
     """
 
     def __init__(
@@ -103,8 +106,12 @@ class AlignmentModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
         max_consecutive_nonfinite: int = 5,
+        caption_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        self.caption_dropout = caption_dropout
         self.generator = Generator(generator)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler

@@ -16,5 +16,6 @@ class Finetune(AlignmentModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         pairs = batch_pairs(batch, "Finetune")
-        loss = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_rng())
+        loss = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], self.step_rng(),
+                                           caption_dropout=self.caption_dropout)
         return self.finish_step(loss, batch_size=len(pairs["captions"]))

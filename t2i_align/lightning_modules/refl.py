@@ -107,7 +107,8 @@ class ReFL(AlignmentModule):
                          "train/refl_step": float(m)})
         if pre_turn:
             pairs = batch_pairs(batch, f"ReFL with pretrain_loss={self.pretrain_loss!r} (L_pre; or pretrain_loss: none)")
-            pre = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], rng)
+            pre = self.generator.denoising_loss(pairs["pixel_values"], pairs["captions"], rng,
+                                               caption_dropout=self.caption_dropout)
             loss = loss + self.pretrain_weight * pre
             logs["train/pretrain_loss"] = pre.detach()
         return self.finish_step(loss, logs)

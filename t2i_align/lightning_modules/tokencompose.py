@@ -96,10 +96,12 @@ class TokenCompose(AlignmentModule):
             self.generator.enable_attention_capture(self.layers)
             self._capturing = True
         out = self.generator.denoising_forward(pairs["pixel_values"], pairs["captions"], self.step_rng(),
-                                               record_attention=True)
+                                               record_attention=True, caption_dropout=self.caption_dropout)
         tokenizer = self.generator.tokenizer
-        groundings = [noun_groundings(caption, masks, tokenizer, where=sample_id)
-                      for caption, masks, sample_id in zip(pairs["captions"], pairs["masks"], pairs["ids"])]
+        # a pair learned with the empty caption (caption_dropout) has no noun tokens to ground
+        groundings = [noun_groundings(caption, masks, tokenizer, where=sample_id) if used else []
+                      for caption, used, masks, sample_id in zip(pairs["captions"], out.captions, pairs["masks"],
+                                                                 pairs["ids"])]
         token, pixel = grounding_losses(out.attention, groundings, self.resolutions)
         loss = out.loss + self.token_weight * token.mean() + self.pixel_weight * pixel.mean()
         logs = {"train/ldm": out.loss.detach(), "train/token": token.detach().mean(), "train/pixel": pixel.detach().mean()}

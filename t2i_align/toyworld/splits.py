@@ -23,6 +23,7 @@ from t2i_align.toyworld.world import (
     COLOURS,
     COMPOSITIONAL,
     NATURAL,
+    Distribution,
     RELATIONS,
     SHAPES,
     Phrase,
@@ -147,14 +148,15 @@ def training_prompts(seed: int, n: int, exclude: set[str]) -> list[PromptSpec]:
     return _unique(lambda r: sample_spec(COMPOSITIONAL, r), rng, n, exclude)
 
 
-def natural_scenes(seed: int, n: int, exclude: set[str]) -> list[Scene]:
-    """Scenes with NATURAL captions (repeats allowed, as in real data), avoiding the evaluation prompts."""
-    rng = random.Random(f"toyworld-natural-{seed}")
+def natural_scenes(seed: int, n: int, exclude: set[str], dist: Distribution = NATURAL) -> list[Scene]:
+    """Scenes with captions of ``dist`` (NATURAL by default; repeats allowed, as in real data), avoiding the
+    evaluation prompts."""
+    rng = random.Random(f"toyworld-{dist.name}-{seed}")
     scenes = []
     while len(scenes) < n:
-        spec = sample_spec(NATURAL, rng)
+        spec = sample_spec(dist, rng)
         if spec.text() not in exclude:
-            scenes.append(place(spec, NATURAL, rng))
+            scenes.append(place(spec, dist, rng))
     return scenes
 
 

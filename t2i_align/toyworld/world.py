@@ -184,6 +184,9 @@ class Distribution:
 NATURAL = Distribution("natural", {"single": 0.62, "pair": 0.14, "spatial": 0.14, "counting": 0.07, "multi": 0.03}, 0.85)
 # Compositional: uniform colours, 2-4 objects.
 COMPOSITIONAL = Distribution("compositional", {"pair": 0.25, "spatial": 0.25, "counting": 0.25, "multi": 0.25}, None)
+# COCO-like: natural colours as NATURAL, but several objects per image, like the COCO images TokenCompose trains on
+# (about 3 categories per image, TokenCompose Section 4): every scene 2-4 objects.
+COCO_LIKE = Distribution("coco_like", {"pair": 0.35, "spatial": 0.2, "counting": 0.15, "multi": 0.3}, 0.85)
 
 
 def _colour(shape: str, dist: Distribution, rng: random.Random) -> str:
@@ -341,7 +344,7 @@ def render(scene: Scene, size: int = 64, supersample: int = 4, noise: float = 4.
 
 
 __all__ = [
-    "BACKGROUND", "CANONICAL", "COLOURS", "COMPOSITIONAL", "COUNT_WORDS", "Distribution", "NATURAL", "Obj",
-    "Phrase", "PromptSpec", "RELATIONS", "SHAPES", "SIZES", "Scene", "TEXTURES", "parse_prompt", "place",
+    "BACKGROUND", "CANONICAL", "COCO_LIKE", "COLOURS", "COMPOSITIONAL", "COUNT_WORDS", "Distribution", "NATURAL",
+    "Obj", "Phrase", "PromptSpec", "RELATIONS", "SHAPES", "SIZES", "Scene", "TEXTURES", "parse_prompt", "place",
     "relation_holds", "render", "sample_scene", "sample_spec",
 ]

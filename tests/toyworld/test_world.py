@@ -166,3 +166,22 @@ def test_exported_pairs_read_back_through_the_pair_reader(tmp_path):
 def test_aggregate_means_per_category():
     agg = aggregate([("a", {"x": 1.0}), ("a", {"x": 0.0}), ("b", {"x": 1.0, "mg2": 1.0})])
     assert agg == {"a/n": 2.0, "a/x": 0.5, "b/mg2": 1.0, "b/n": 1.0, "b/x": 1.0}
+
+
+def test_coco_like_pairs_hold_several_objects_each_with_its_mask(tmp_path):
+    from t2i_align.commands.toyworld_build import build
+
+    sizes = dict(natural=40, natural_val=4, train_prompts=20, eval_per_category=3, val_per_category=2)
+    out = build(tmp_path / "tw", **sizes, coco_like=60)
+    coco = PairDataset(str(out / "coco_like" / "metadata.jsonl"), resolution=64)
+    assert len(coco) == 60
+    for i in range(len(coco)):
+        item = coco[i]
+        spec = parse_prompt(item["caption"])
+        assert 2 <= spec.num_objects <= 4, item["caption"]
+        assert [noun for noun, _ in item["masks"]] == [p.shape + ("s" if p.count > 1 else "") for p in spec.phrases]
+        assert all(mask.sum() > 0 for _, mask in item["masks"])
+    # adding the split changed none of the others
+    without = build(tmp_path / "tw0", **sizes, coco_like=0)
+    for split in ("natural/metadata.jsonl", "natural_val/metadata.jsonl", "prompts/compositional_train.txt"):
+        assert (out / split).read_text() == (without / split).read_text(), split

@@ -163,6 +163,20 @@ def test_training_pulls_the_nouns_attention_into_their_masks(tiny_sd, tiny_pairs
     assert grounded < 0.7 * start and grounded < 0.7 * plain, (start, grounded, plain)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.99])
+def test_a_dropped_caption_is_learned_unconditioned_and_not_grounded(tiny_sd, dropout):
+    module = TokenCompose(generator=GeneratorConfig(tiny_sd, lora=LoraSettings(rank=4)), caption_dropout=dropout)
+    module.finish_step = lambda loss, logs, batch_size: logs  # the step's logs, without a trainer
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[:, :16] = True
+    batch = {"pairs": {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "captions": ["a red circle", "a blue square"],
+                       "ids": ["0", "1"], "masks": [[("circle", mask)], [("square", mask)]]}}
+    logs = module.training_step(batch, 0)
+    assert float(logs["train/ldm"]) > 0
+    # both captions dropped (at 0.99): no noun to ground, so no grounding loss (padding tokens are not a noun)
+    assert (float(logs["train/token"]) == 0) == (dropout > 0)
+
+
 def test_pairs_without_masks_are_refused(tiny_sd):
     module = TokenCompose(generator=GeneratorConfig(tiny_sd))
     batch = {"pairs": {"pixel_values": torch.zeros(1, 3, 32, 32), "captions": ["a circle"], "ids": ["0"], "masks": None}}
