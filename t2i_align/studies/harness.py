@@ -152,6 +152,26 @@ def checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     return found[-1]
 
 
+def load_module(model: Model) -> L.LightningModule:
+    """``model``'s LightningModule in this process, in eval mode: built from its stack by the CLI (nothing run) with
+    its checkpoint's trained weights loaded as ``validate --ckpt_path`` would (``on_load_checkpoint`` checks that
+    they are this stack's). For measurements that need the module itself (attention maps, edits)."""
+    import torch
+
+    from t2i_align.cli import T2ICLI
+    from t2i_align.io import load_checkpoint_file
+
+    with warnings.catch_warnings():  # args given while the study has its own command line: on purpose
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        module = T2ICLI(args=[*config_args(model.configs), "--trainer.logger=false"], run=False).model
+    if model.checkpoint is not None:
+        checkpoint = load_checkpoint_file(model.checkpoint)
+        module.on_load_checkpoint(checkpoint)
+        with torch.no_grad():
+            module.load_state_dict(checkpoint["state_dict"], strict=False)
+    return module.eval()
+
+
 # --------------------------------------------------------------------------------------- evaluation pass
 def toy_pass_callbacks(per_category: int, seeds: int, eval_config: str = EVAL_CONFIG) -> list[dict]:
     """``trainer.callbacks`` for the toy metrics alone on ``per_category`` prompts of each category with ``seeds``
