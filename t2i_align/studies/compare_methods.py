@@ -44,7 +44,9 @@ METHODS = {m.name: m for m in (
     Model("ReFL (CLIP reward)", (REFL, TOYWORLD, "configs/experiment/toyworld_refl_clip.yaml"),
           "runs/toyworld_refl_clip"),
     Model("ARL", (ARL, TOYWORLD, "configs/experiment/toyworld_arl.yaml"), "runs/toyworld_arl"),
-    # the positive control: the judge keeps the candidate (an oracle)
+    # the positive controls: a colour oracle as ReFL's reward, the judge keeping ARL's candidate
+    Model("ReFL (oracle reward)", (REFL, TOYWORLD, "configs/experiment/toyworld_refl_oracle.yaml"),
+          "runs/toyworld_refl_oracle"),
     Model("ARL (oracle selection)", (ARL, TOYWORLD, "configs/experiment/toyworld_arl.yaml",
                                      "configs/experiment/toyworld_arl_oracle.yaml"), "runs/toyworld_arl_oracle"),
 )}
