@@ -10,7 +10,7 @@ Logged as ``<val|test>/rewards/...``:
 * ``<name>/concordance``: the same over all pairs of candidates, any prompts (Harrell's C; an AUC for a binary
   reference).
 * ``kept/<rule>``: the mean reference score of the candidate each rule keeps per prompt: ``random`` (the mean over
-  the candidates), ``rank_sum`` (ARL's rule over every reward: :func:`~t2i_align.rewards.ranking.select_candidates`),
+  the candidates), ``rank_sum`` (ARL's rule over the ``rank_sum`` rewards: :func:`~t2i_align.rewards.ranking.select_candidates`),
   each reward alone, and ``reference`` (the best possible).
 
 Measured before and after training, a fall of a reward's agreement while its own score rises is reward hacking.
@@ -60,11 +60,14 @@ def pairwise_agreement(reward: torch.Tensor, reference: torch.Tensor) -> float:
     return agree / pairs if pairs else float("nan")
 
 
-def kept_reference(scores: Mapping[str, torch.Tensor], reference: torch.Tensor) -> dict[str, float]:
-    """Mean reference score of the candidate each selection rule keeps, from ``[prompts, K]`` scores."""
+def kept_reference(scores: Mapping[str, torch.Tensor], reference: torch.Tensor,
+                   rank_sum: Sequence[str] | None = None) -> dict[str, float]:
+    """Mean reference score of the candidate each selection rule keeps, from ``[prompts, K]`` scores (``rank_sum``:
+    the rewards whose ranks are summed; default all)."""
     rows = torch.arange(reference.shape[0])
+    summed = {n: scores[n] for n in (rank_sum or scores)}
     out = {"random": float(reference.double().mean()),
-           "rank_sum": float(reference[rows, select_candidates(scores)].double().mean())}
+           "rank_sum": float(reference[rows, select_candidates(summed)].double().mean())}
     for name, s in scores.items():
         out[name] = float(reference[rows, select_candidates({name: s})].double().mean())
     out["reference"] = float(reference.double().amax(1).mean())
@@ -78,6 +81,7 @@ class RewardAgreement(GenerativeEvaluation):
         rewards: name -> reward under test.
         reference: the score they are measured against (the judge on ToyWorld: an oracle).
         candidates: images per prompt (ARL: 10).
+        rank_sum: the rewards whose ranks the ``rank_sum`` rule sums (default: all).
         prompts, sampling, batch_size, seed, log_samples: as :class:`GenerativeEvaluation`.
     """
 
@@ -85,13 +89,16 @@ class RewardAgreement(GenerativeEvaluation):
 
     def __init__(self, rewards: Mapping[str, Reward], reference: Reward, prompts: list | None = None,
                  candidates: int = 10, sampling: SamplingSettings = SamplingSettings(num_inference_steps=25),
-                 batch_size: int = 10, seed: int = 0, log_samples: int = 0) -> None:
+                 batch_size: int = 10, seed: int = 0, log_samples: int = 0, rank_sum: list[str] | None = None) -> None:
         super().__init__(prompts, candidates, sampling, batch_size, seed, log_samples)
         if not rewards:
             raise ValueError("RewardAgreement needs at least one reward")
         if "reference" in rewards:
             raise ValueError("RewardAgreement: 'reference' is the reference's name; give the reward another name")
-        self.rewards, self.reference = dict(rewards), reference
+        unknown = sorted(set(rank_sum or ()) - set(rewards))
+        if unknown:
+            raise ValueError(f"RewardAgreement: rank_sum names rewards that are not given: {unknown}")
+        self.rewards, self.reference, self.rank_sum = dict(rewards), reference, rank_sum
         self._rows: list[dict] = []
 
     def reset(self, pl_module: L.LightningModule) -> None:
@@ -126,7 +133,7 @@ class RewardAgreement(GenerativeEvaluation):
         names = [*self.rewards, "reference"]
         table = {n: torch.tensor([[r[n] for r in group] for group in by_prompt.values()]) for n in names}
         reference = table.pop("reference")
-        metrics = {f"rewards/kept/{rule}": v for rule, v in kept_reference(table, reference).items()}
+        metrics = {f"rewards/kept/{rule}": v for rule, v in kept_reference(table, reference, self.rank_sum).items()}
         for name, s in table.items():
             metrics[f"rewards/{name}/pairwise"] = pairwise_agreement(s, reference)
             metrics[f"rewards/{name}/concordance"] = concordance(s.flatten(), reference.flatten())

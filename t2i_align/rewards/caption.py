@@ -142,3 +142,24 @@ class CaptionReward(Reward):
             return reward
         g = self.surrogate_value(images, prompts, captions)
         return reward + (g - g.detach())
+
+
+class PromptLikelihoodReward(Reward):
+    """The captioner's mean token log-likelihood of the prompt given the image: CoMat's image-to-text score
+    (−L_i2t), as a reward. Ranked against the judge on a model's own samples
+    (:class:`~t2i_align.callbacks.reward_agreement.RewardAgreement`), it says whether concept activation trained
+    the images to please the captioner rather than to match the prompt.
+
+    Args:
+        captioner: an image-to-text scorer (:class:`~t2i_align.experts.captioner.BlipLikelihood`; for a
+            deterministic score: ``max_shift: 0``).
+    """
+
+    differentiable = True
+
+    def __init__(self, captioner: torch.nn.Module) -> None:
+        super().__init__()
+        self.captioner = captioner
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.captioner.log_likelihood(images, prompts)

@@ -5,7 +5,8 @@ the judge (an oracle reference), on the base model's samples and, for trained mo
     python -m t2i_align.studies.reward_quality --out experiments/results/toyworld_reward_quality
     python -m t2i_align.studies.reward_quality --trained ARL "ARL (oracle selection)"   # after their fits
 
-Each model's 160 ARL training prompts x 10 candidates are scored by the caption, CLIP and SAM rewards and the judge
+Each model's 160 ARL training prompts x 10 candidates are scored by ARL's caption, CLIP and SAM rewards, CoMat's
+captioner likelihood and the judge
 (``configs/eval/toyworld_rewards.yaml``, :class:`~t2i_align.callbacks.reward_agreement.RewardAgreement`). Reported:
 the share of kept candidates that meet every clause under each selection rule (random = the mean over the
 candidates; ARL's rank sum; each reward alone; the judge: the best possible), its paired difference from random
@@ -32,7 +33,8 @@ from t2i_align.studies.compare_methods import METHODS
 from t2i_align.studies.harness import BASE, checkpoint, evaluate
 
 CONFIG = "configs/eval/toyworld_rewards.yaml"
-REWARDS = ("caption", "clip", "sam")
+ARL_REWARDS = ("caption", "clip", "sam")
+REWARDS = (*ARL_REWARDS, "captioner")  # and CoMat's image-to-text score
 
 
 def read_table(root: str | Path) -> dict[str, np.ndarray]:
@@ -52,7 +54,7 @@ def selection(table: dict[str, np.ndarray]) -> dict[str, dict]:
     met = (table["reference"] >= 1).astype(float)
     rows = np.arange(len(met))
     scores = {n: torch.tensor(table[n]) for n in REWARDS if n in table}
-    kept = {"rank sum (ARL)": select_candidates(scores).numpy(),
+    kept = {"rank sum (ARL)": select_candidates({n: s for n, s in scores.items() if n in ARL_REWARDS}).numpy(),
             **{n: select_candidates({n: s}).numpy() for n, s in scores.items()},
             "judge (oracle)": table["reference"].argmax(1)}
     random = {str(i): ("train", float(v)) for i, v in enumerate(met.mean(1))}

@@ -34,6 +34,7 @@ def test_kept_reference_per_rule():
     assert kept["random"] == pytest.approx(2.5 / 6)
     # rank sum: good ranks (3, 1, 2) and bad (1, 3, 2) tie everywhere in row 0; the first tie is kept
     assert kept["rank_sum"] == pytest.approx((0.0 + 1.0) / 2)
+    assert kept_reference({"good": good, "bad": bad}, reference, rank_sum=["good"])["rank_sum"] == 1.0
 
 
 class HalfSwapped(RenderingModule):

@@ -18,7 +18,7 @@ def test_selection_and_agreement_from_records(tmp_path):
     # 4 prompts x 3 candidates; the judge's score >= 1 means every clause is met (candidate 2 of each prompt).
     # "caption" agrees with the judge, "clip" prefers candidate 0, "sam" is constant.
     rows = [{"key": f"train/p{i}/{k}", "prompt": f"p{i}", "seed": k, "reference": [0.2, 0.4, 1.5][k],
-             "caption": float(k), "clip": float(-k), "sam": 0.5} for i in range(4) for k in range(3)]
+             "caption": float(k), "clip": float(-k), "sam": 0.5, "captioner": float(-k)} for i in range(4) for k in range(3)]
     write_records(tmp_path, rows)
     table = read_table(tmp_path)
     assert table["reference"].shape == (4, 3)
@@ -28,6 +28,8 @@ def test_selection_and_agreement_from_records(tmp_path):
     assert s["clip"]["all_clauses"] == 0.0
     assert s["sam"]["all_clauses"] == 0.0  # all tied: the first candidate is kept
     assert s["caption"]["minus_random"][0] == pytest.approx(2 / 3)
+    # ARL's rank sum is over caption, clip and sam only: captioner's vote (with clip's) would outweigh caption's
+    assert s["rank sum (ARL)"]["all_clauses"] == 0.0 and s["captioner"]["all_clauses"] == 0.0
     a = agreement(table, resamples=50)
     assert a["caption"][0] == 1.0 and a["clip"][0] == 0.0 and a["sam"][0] == 0.5
     results = report.new_results("reward_quality", {})
