@@ -118,6 +118,26 @@ def test_prompt_likelihood_surrogate_is_the_captioners_mean_token_log_likelihood
         CaptionReward(captioner_dir, clip_dir, differentiable=True, surrogate="likelihood")
 
 
+def test_prompt_likelihood_reward_is_the_captioners_per_image_log_likelihood(captioner_dir):
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    from t2i_align.experts.captioner import BlipLikelihood
+    from t2i_align.rewards import PromptLikelihoodReward
+    from t2i_align.toyworld.experts.captioner import caption_log_likelihood
+
+    reward = PromptLikelihoodReward(BlipLikelihood(captioner_dir, prefix="", label_smoothing=0.0, max_shift=0))
+    x = images().requires_grad_(True)
+    value = reward(x, PROMPTS)
+    value.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        model = BlipForConditionalGeneration.from_pretrained(captioner_dir, dtype=torch.float32).eval()
+        processor = BlipProcessor.from_pretrained(captioner_dir)
+        total = caption_log_likelihood(model, processor, images(), PROMPTS)
+    lengths = torch.tensor([len(processor.tokenizer(p).input_ids) - 1 for p in PROMPTS], dtype=total.dtype)
+    torch.testing.assert_close(value.detach(), total / lengths, atol=1e-4, rtol=1e-4)
+
+
 class Constant(Reward):
     differentiable = True
 
