@@ -29,12 +29,14 @@ from t2i_align.callbacks.reward_agreement import pairwise_agreement
 from t2i_align.rewards.ranking import select_candidates
 from t2i_align.stats import paired_bootstrap
 from t2i_align.studies import report
+from t2i_align.studies.comat_ablation import ARMS as COMAT_ARMS
 from t2i_align.studies.compare_methods import METHODS
 from t2i_align.studies.harness import BASE, checkpoint, evaluate
 
 CONFIG = "configs/eval/toyworld_rewards.yaml"
 ARL_REWARDS = ("caption", "clip", "sam")
 REWARDS = (*ARL_REWARDS, "captioner")  # and CoMat's image-to-text score
+TRAINED = {**METHODS, **COMAT_ARMS}  # e.g. "CA": does concept activation teach the images to please the captioner?
 
 
 def read_table(root: str | Path) -> dict[str, np.ndarray]:
@@ -108,14 +110,14 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trained", nargs="*", default=[], choices=list(METHODS),
+    p.add_argument("--trained", nargs="*", default=[], choices=list(TRAINED),
                    help="also measure on these trained models' samples (their fits must have finished)")
     p.add_argument("--out", type=Path, default=Path("experiments/results/toyworld_reward_quality"))
     p.add_argument("--reevaluate", action="store_true")
     a = p.parse_args(argv)
 
     results = report.new_results("reward_quality", {"config": CONFIG, "trained": a.trained})
-    models = [BASE] + [METHODS[n].replace(checkpoint=str(checkpoint(METHODS[n].run_dir))) for n in a.trained]
+    models = [BASE] + [TRAINED[n].replace(checkpoint=str(checkpoint(TRAINED[n].run_dir))) for n in a.trained]
     for model in models:
         result = evaluate(model, label="rewards", reevaluate=a.reevaluate, eval_config=CONFIG)
         table = read_table(result["root"])
