@@ -43,6 +43,9 @@ METHODS = {m.name: m for m in (
           "runs/toyworld_refl_caption"),
     Model("ReFL (CLIP reward)", (REFL, TOYWORLD, "configs/experiment/toyworld_refl_clip.yaml"),
           "runs/toyworld_refl_clip"),
+    Model("ReFL (caption reward, CoMat's setup)", (REFL, TOYWORLD, "configs/experiment/toyworld_refl_caption.yaml",
+                                                  "configs/experiment/toyworld_refl_caption_wide.yaml"),
+          "runs/toyworld_refl_caption_wide"),
     Model("ARL", (ARL, TOYWORLD, "configs/experiment/toyworld_arl.yaml"), "runs/toyworld_arl"),
     # the positive controls: a colour oracle as ReFL's reward, the judge keeping ARL's candidate
     Model("ReFL (oracle reward)", (REFL, TOYWORLD, "configs/experiment/toyworld_refl_oracle.yaml"),
