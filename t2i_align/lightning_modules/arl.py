@@ -41,6 +41,8 @@ class ARL(AlignmentModule):
         output_dir: where the rounds are written (default ``<trainer.default_root_dir>/arl``).
         sampling: sampler settings of the candidates.
         generation_batch_size: images per generation / scoring call.
+        min_scores: reward name -> the score a prompt's kept candidate must reach to be trained on (RAFT-style
+            filtering: prompts below it are left out of the round); None keeps every prompt (FineRewards).
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class ARL(AlignmentModule):
         output_dir: str | None = None,
         sampling: SamplingSettings = SamplingSettings(),
         generation_batch_size: int = 16,
+        min_scores: Mapping[str, float] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -58,6 +61,10 @@ class ARL(AlignmentModule):
             raise ValueError("ARL needs at least one reward")
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
+        unknown = sorted(set(min_scores or ()) - set(rewards))
+        if unknown:
+            raise ValueError(f"ARL: min_scores names rewards that are not given: {unknown} (rewards: {sorted(rewards)})")
+        self.min_scores = dict(min_scores or {})
         self.experts = FrozenExperts(**rewards)
         self.candidates, self.output_dir = candidates, output_dir
         self.sampling = sampling
@@ -135,12 +142,20 @@ class ARL(AlignmentModule):
             lines = []
             for index in range(len(prompts)):
                 record = json.loads((folder / "selection" / f"{index:06d}.json").read_text())
-                lines.append(json.dumps({"file_name": f"images/{index:06d}.png", "text": record["text"]}))
+                if self.passes(record):
+                    lines.append(json.dumps({"file_name": f"images/{index:06d}.png", "text": record["text"]}))
+            if not lines:
+                raise RuntimeError(f"ARL round {round_index}: no prompt's kept candidate reached min_scores "
+                                   f"{self.min_scores} ({folder / 'selection'})")
             with atomic_path(metadata) as tmp:
                 tmp.write_text("\n".join(lines) + "\n")
             self.log_round(round_index, folder, len(prompts))
         strategy.barrier("arl_metadata")
         return metadata
+
+    def passes(self, record: dict) -> bool:
+        """Does the kept candidate of a selection record reach every ``min_scores``?"""
+        return all(record["scores"][name][record["kept"]] >= low for name, low in self.min_scores.items())
 
     def log_round(self, round_index: int, folder: Path, count: int) -> None:
         """Rank 0: mean kept and mean candidate score per reward, into ``round_<r>/summary.json`` and the loggers."""
@@ -150,9 +165,11 @@ class ARL(AlignmentModule):
             for name, scores in record["scores"].items():
                 kept[name] += scores[record["kept"]] / count
                 mean[name] += sum(scores) / len(scores) / count
-        summary = {"round": round_index, "prompts": count, "kept": kept, "candidates": mean}
+        trained = sum(self.passes(json.loads((folder / "selection" / f"{i:06d}.json").read_text())) for i in range(count))
+        summary = {"round": round_index, "prompts": count, "trained_on": trained, "kept": kept, "candidates": mean}
         with atomic_path(folder / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
         metrics = {f"arl/kept_{n}": v for n, v in kept.items()} | {f"arl/mean_{n}": v for n, v in mean.items()}
+        metrics["arl/trained_on"] = trained
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics | {"arl/round": round_index}, step=self.trainer.global_step)

@@ -52,6 +52,8 @@ METHODS = {m.name: m for m in (
           "runs/toyworld_refl_oracle"),
     Model("ARL (oracle selection)", (ARL, TOYWORLD, "configs/experiment/toyworld_arl.yaml",
                                      "configs/experiment/toyworld_arl_oracle.yaml"), "runs/toyworld_arl_oracle"),
+    Model("ARL (oracle filter)", (ARL, TOYWORLD, "configs/experiment/toyworld_arl.yaml",
+                                  "configs/experiment/toyworld_arl_oracle_filter.yaml"), "runs/toyworld_arl_oracle_filter"),
 )}
 CONSISTENCY_TOLERANCE = 1e-3
 markdown = report.markdown  # this study's tables: the comparison against the base

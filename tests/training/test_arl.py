@@ -95,6 +95,29 @@ def test_each_candidate_is_scored_against_its_own_prompt_and_the_best_is_kept(ti
         assert abs(red - scores[record["kept"]]) < 2 / 255
 
 
+def test_min_scores_leave_prompts_whose_kept_candidate_falls_short_out_of_the_round(tiny_sd, tmp_path):
+    prompts = [Prompt(text, "train", str(i)) for i, text in enumerate(PROMPTS)]
+    everything = arl(tiny_sd, tmp_path / "all")
+    attach(everything)
+    records = everything.prepare_round(0, prompts).parent / "selection"
+    kept = [(lambda r: r["scores"]["red"][r["kept"]])(json.loads((records / f"{i:06d}.json").read_text()))
+            for i in range(len(PROMPTS))]
+    threshold = sorted(kept)[1] + 1e-6  # the two lowest fall short
+    filtered = arl(tiny_sd, tmp_path / "filtered", min_scores={"red": threshold})
+    attach(filtered)
+    lines = [json.loads(line) for line in filtered.prepare_round(0, prompts).read_text().splitlines()]
+    assert [line["text"] for line in lines] == [p for p, k in zip(PROMPTS, kept) if k >= threshold]
+    assert len(lines) == len(PROMPTS) - 2
+    summary = json.loads((tmp_path / "filtered" / "arl" / "round_0" / "summary.json").read_text())
+    assert summary["trained_on"] == len(PROMPTS) - 2
+    nothing = arl(tiny_sd, tmp_path / "none", min_scores={"red": 2.0})
+    attach(nothing)
+    with pytest.raises(RuntimeError, match="no prompt's kept candidate reached min_scores"):
+        nothing.prepare_round(0, prompts)
+    with pytest.raises(ValueError, match="min_scores names rewards that are not given: \\['blue'\\]"):
+        arl(tiny_sd, tmp_path, min_scores={"blue": 0.5})
+
+
 def test_selection_resumes_where_it_stopped(tiny_sd, tmp_path):
     module = arl(tiny_sd, tmp_path)
     attach(module)
