@@ -50,6 +50,9 @@ METHODS = {m.name: m for m in (
     # the positive controls: a colour oracle as ReFL's reward, the judge keeping ARL's candidate
     Model("ReFL (oracle reward)", (REFL, TOYWORLD, "configs/experiment/toyworld_refl_oracle.yaml"),
           "runs/toyworld_refl_oracle"),
+    Model("ReFL (oracle reward, CoMat's setup)", (REFL, TOYWORLD, "configs/experiment/toyworld_refl_oracle.yaml",
+                                                 "configs/experiment/toyworld_refl_oracle_wide.yaml"),
+          "runs/toyworld_refl_oracle_wide"),
     Model("ARL (oracle selection)", (ARL, TOYWORLD, "configs/experiment/toyworld_arl.yaml",
                                      "configs/experiment/toyworld_arl_oracle.yaml"), "runs/toyworld_arl_oracle"),
     Model("ARL (oracle filter)", (ARL, TOYWORLD, "configs/experiment/toyworld_arl.yaml",
