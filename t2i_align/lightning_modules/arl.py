@@ -17,15 +17,15 @@ Round r generates with the weights left by round r-1: the LoRA keeps training ac
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
 from t2i_align.common import derive_seed
 from t2i_align.datamodules.prompts import Prompt
-from t2i_align.io import atomic_path, save_png
 from t2i_align.diffusion.sampling import SamplingSettings
+from t2i_align.io import atomic_path, save_png
 from t2i_align.lightning_modules.base import AlignmentModule, FrozenExperts, batch_pairs
 from t2i_align.rewards.base import Reward
 from t2i_align.rewards.ranking import average_ranks, rank_sum, select_candidates

@@ -33,7 +33,17 @@ import sys
 from pathlib import Path
 
 from t2i_align.studies import report
-from t2i_align.studies.harness import BASE, FINETUNE, TOYWORLD, Model, checkpoint, evaluate, evaluate_toy, fit, toy_eval
+from t2i_align.studies.harness import (
+    BASE,
+    FINETUNE,
+    TOYWORLD,
+    Model,
+    checkpoint,
+    evaluate,
+    evaluate_toy,
+    fit,
+    toy_eval,
+)
 
 REFL, ARL = "configs/method/refl.yaml", "configs/method/arl.yaml"
 # each stack as its last file's header gives it; the run folder is the stack's trainer.default_root_dir

@@ -102,7 +102,7 @@ def markdown(results: dict) -> str:
     lines += ["", "Within-prompt pairwise agreement of each reward with the judge (0.5 = chance), 95 % interval:", "",
               "| Reward | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
     for n in REWARDS:
-        cells = [(lambda a: f"{a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}]")(m["agreement"][n]) if n in m["agreement"] else "–"
+        cells = [("{:.3f} [{:.3f}, {:.3f}]".format(*m["agreement"][n]) if n in m["agreement"] else "–")
                  for m in models.values()]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

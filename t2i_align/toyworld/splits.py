@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -23,9 +23,9 @@ from t2i_align.toyworld.world import (
     COLOURS,
     COMPOSITIONAL,
     NATURAL,
-    Distribution,
     RELATIONS,
     SHAPES,
+    Distribution,
     Phrase,
     PromptSpec,
     Scene,

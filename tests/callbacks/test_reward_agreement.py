@@ -6,7 +6,12 @@ import lightning as L
 import pytest
 import torch
 
-from t2i_align.callbacks.reward_agreement import RewardAgreement, concordance, kept_reference, pairwise_agreement
+from t2i_align.callbacks.reward_agreement import (
+    RewardAgreement,
+    concordance,
+    kept_reference,
+    pairwise_agreement,
+)
 from t2i_align.rewards.base import Reward
 from t2i_align.toyworld.experts.judge_reward import JudgeReward
 from tests.helpers import RenderingGenerator, RenderingModule

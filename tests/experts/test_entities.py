@@ -15,7 +15,15 @@ from t2i_align.diffusion.assets import TINY_TOKENIZER_DIR
 from t2i_align.diffusion.tokens import load_spacy
 from t2i_align.experts.entities import ATTRIBUTE_NOUNS, NON_OBJECT_NOUNS, Entity, parse_entities
 from t2i_align.toyworld.world import (
-    COLOURS, COMPOSITIONAL, COUNT_WORDS, SHAPES, SIZES, TEXTURES, Phrase, PromptSpec, sample_spec,
+    COLOURS,
+    COMPOSITIONAL,
+    COUNT_WORDS,
+    SHAPES,
+    SIZES,
+    TEXTURES,
+    Phrase,
+    PromptSpec,
+    sample_spec,
 )
 
 

@@ -23,6 +23,6 @@ def test_the_free_disc_keeps_away_from_drawn_objects():
     drawn = np.zeros((64, 64), dtype=bool)
     drawn[:, :30] = True  # the left part is taken
     disc = free_disc(drawn, 64, 10.5).numpy()
-    ys, xs = np.nonzero(disc)
+    _, xs = np.nonzero(disc)
     assert xs.mean() == 48 and not (disc & drawn).any()
     assert abs(disc.sum() - np.pi * 10.5**2) < 0.1 * np.pi * 10.5**2

@@ -100,8 +100,8 @@ def test_min_scores_leave_prompts_whose_kept_candidate_falls_short_out_of_the_ro
     everything = arl(tiny_sd, tmp_path / "all")
     attach(everything)
     records = everything.prepare_round(0, prompts).parent / "selection"
-    kept = [(lambda r: r["scores"]["red"][r["kept"]])(json.loads((records / f"{i:06d}.json").read_text()))
-            for i in range(len(PROMPTS))]
+    selections = [json.loads((records / f"{i:06d}.json").read_text()) for i in range(len(PROMPTS))]
+    kept = [r["scores"]["red"][r["kept"]] for r in selections]
     threshold = sorted(kept)[1] + 1e-6  # the two lowest fall short
     filtered = arl(tiny_sd, tmp_path / "filtered", min_scores={"red": threshold})
     attach(filtered)
