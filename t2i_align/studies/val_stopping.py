@@ -81,9 +81,20 @@ def curve_table(results: dict) -> list[str]:
     return lines
 
 
+def validation_seeds() -> int:
+    """Images per validation prompt of :data:`VAL_CONFIG`'s ToyWorld evaluation."""
+    import yaml
+
+    [toy] = [c for c in yaml.safe_load(Path(VAL_CONFIG).read_text())["trainer"]["callbacks"]
+             if c["class_path"].endswith("ToyWorldEvaluation")]
+    return int(toy["init_args"].get("images_per_prompt", 1))
+
+
 def markdown(results: dict) -> str:
-    lines = ["Validation all_clauses (mean over categories, 50 validation prompts per category, 1 seed) along "
-             "training, with the difference from step 0 and its paired 95 % interval; 'chosen' = the stopping step:",
+    seeds = results["settings"].get("validation_seeds", 1)  # results from before it was recorded used 1
+    lines = [f"Validation all_clauses (mean over categories, 50 validation prompts per category, {seeds} "
+             f"seed{'s' if seeds > 1 else ''}) along training, with the difference from step 0 and its paired 95 % "
+             "interval; 'chosen' = the stopping step:",
              "", *curve_table(results), "", report.markdown(results)]
     return "\n".join(lines)
 
@@ -117,7 +128,7 @@ def main(arms: Mapping[str, Model], out: str, max_steps: int, description: str, 
     for name in a.arms:  # all training first: the choices are made before any evaluation prompt is generated
         fit(arms[name], fit_args, a.retrain, min_step=a.max_steps)
     results = report.new_results(study, {"max_steps": a.max_steps, "full_per_category": a.full_per_category,
-                                         "seeds": a.seeds})
+                                         "seeds": a.seeds, "validation_seeds": validation_seeds()})
     report.add_model(results, BASE, validate=evaluate(BASE, reevaluate=a.reevaluate),
                      full_toy=evaluate_toy(BASE, a.full_per_category, a.seeds, a.reevaluate))
     for name in a.arms:

@@ -127,7 +127,7 @@ def test_the_study_trains_first_then_scores_each_chosen_checkpoint_against_the_b
     results = json.loads(out.with_suffix(".json").read_text())
     assert list(results["models"]) == ["Base", "A (step 200)", "B (step 100)"]
     assert results["study"] == "a_study"
-    assert results["settings"] == {"max_steps": 200, "full_per_category": 7, "seeds": 2}
+    assert results["settings"] == {"max_steps": 200, "full_per_category": 7, "seeds": 2, "validation_seeds": 3}
     a = results["models"]["A (step 200)"]
     assert a["arm"] == "A" and a["step"] == 200
     assert a["checkpoint"].endswith("version_0/checkpoints/epoch=0-step=200.ckpt")
@@ -138,4 +138,5 @@ def test_the_study_trains_first_then_scores_each_chosen_checkpoint_against_the_b
     text = out.with_suffix(".md").read_text()
     assert text == val_stopping.markdown(results) and text in capsys.readouterr().out
     assert "| A | 0.200 | 0.200 (+0.000 [+0.000, +0.000]) | 0.600 (+0.400 [" in text
+    assert "50 validation prompts per category, 3 seeds)" in text
     assert (tmp_path / "results" / "study_grid.png").exists()
