@@ -88,7 +88,7 @@ def test_toyworld_overlays_state_their_stack_and_stay_short():
         stack = header_stack(overlay)
         # a method's overlay, or a variant of one stacked after it (e.g. toyworld_arl_oracle.yaml after toyworld_arl.yaml)
         assert stack[0].startswith("method/") and stack[1] == "experiment/toyworld.yaml" and stack[-1] == overlay, stack
-        assert len(stack) <= 4 and all(s.startswith("experiment/toyworld_") for s in stack[2:]), (overlay, stack)
+        assert len(stack) <= 5 and all(s.startswith("experiment/toyworld_") for s in stack[2:]), (overlay, stack)
         assert len((CONFIGS / overlay).read_text().splitlines()) <= 50, overlay
     assert header_stack("experiment/toyworld.yaml") == ["method/finetune.yaml", "experiment/toyworld.yaml"]
 

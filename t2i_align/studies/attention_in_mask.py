@@ -1,7 +1,8 @@
 """TokenCompose's positive control: where does each noun's cross-attention fall on the model's own images?
 
     python -m t2i_align.studies.tokencompose_compare                  # the trained arms and their chosen steps
-    python -m t2i_align.studies.attention_in_mask --results experiments/results/toyworld_tokencompose.json
+    python -m t2i_align.studies.attention_in_mask --results experiments/results/toyworld_tokencompose_coco.json \
+        experiments/results/toyworld_finetune_coco.json
 
 For the base and each arm's chosen checkpoint of a ``val_stopping`` results file, the validation prompts (the
 evaluation prompts are not used) are sampled with the evaluation's sampler while the up blocks' cross-attention is
@@ -76,11 +77,13 @@ def measure(model: Model, per_category: int, batch_size: int = 28) -> dict:
             "chance": float(chance.mean())}
 
 
-def models_of(results_path: str | Path) -> list[Model]:
-    """The base and each arm's chosen checkpoint of a ``val_stopping`` results file."""
-    models = json.loads(Path(results_path).read_text())["models"]
-    return [BASE] + [Model(name, m["configs"], checkpoint=m["checkpoint"]) for name, m in models.items()
-                     if "curve" in m]
+def models_of(results_paths: list[str | Path]) -> list[Model]:
+    """The base and each arm's chosen checkpoint of one or more ``val_stopping`` results files."""
+    models = [BASE]
+    for path in results_paths:
+        models += [Model(name, m["configs"], checkpoint=m["checkpoint"])
+                   for name, m in json.loads(Path(path).read_text())["models"].items() if "curve" in m]
+    return models
 
 
 def markdown(results: dict) -> str:
@@ -97,11 +100,12 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, default=Path("experiments/results/toyworld_tokencompose.json"))
+    p.add_argument("--results", type=Path, nargs="+", default=[Path("experiments/results/toyworld_tokencompose.json")],
+                   help="val_stopping results files whose chosen checkpoints to measure")
     p.add_argument("--per-category", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("experiments/results/toyworld_attention_in_mask"))
     a = p.parse_args(argv)
-    results = report.new_results("attention_in_mask", {"results": str(a.results), "per_category": a.per_category})
+    results = report.new_results("attention_in_mask", {"results": [str(r) for r in a.results], "per_category": a.per_category})
     for model in models_of(a.results):
         report.add_model(results, model, attention=measure(model, a.per_category))
         print(model.name, results["models"][model.name]["attention"], flush=True)

@@ -20,6 +20,12 @@ ARMS = {m.name: m for m in (
                                     "configs/experiment/toyworld_finetune_coco.yaml"), "runs/toyworld_finetune_coco"),
     Model("TokenCompose", ("configs/method/tokencompose.yaml", TOYWORLD, "configs/experiment/toyworld_tokencompose.yaml",
                            "configs/experiment/toyworld_tokencompose_coco.yaml"), "runs/toyworld_tokencompose_coco"),
+    # the positive control: grounding losses at 100x the paper's weights (does grounding, once moved, move alignment?)
+    Model("TokenCompose (losses x100, a control)", ("configs/method/tokencompose.yaml", TOYWORLD,
+                                                    "configs/experiment/toyworld_tokencompose.yaml",
+                                                    "configs/experiment/toyworld_tokencompose_coco.yaml",
+                                                    "configs/experiment/toyworld_tokencompose_strong.yaml"),
+          "runs/toyworld_tokencompose_strong"),
 )}
 
 if __name__ == "__main__":
