@@ -34,12 +34,16 @@ from t2i_align.io import atomic_path, clean_stale_temporaries, load_checkpoint_f
 from t2i_align.lightning_modules.base import AlignmentModule
 from t2i_align.runs import (
     CONFIG_KEY,
+    WANDB_RUN_KEY,
+    continue_wandb_run,
     is_checkpoint_file_path,
     key_list,
     output_roots,
     record_differences,
+    recorded_wandb_run,
     remove_unused_run_dir,
     resolve_ckpt_path,
+    resolve_once,
 )
 
 DESCRIPTION = (
@@ -180,6 +184,9 @@ class RunConfigCallback(SaveConfigCallback):
         if self._record is None:  # the config does not change during a run
             self._record = config_record(self.plain_config())
         checkpoint[CONFIG_KEY] = self._record
+        for logger in trainer.loggers:  # the W&B run a resume continues (runs.continue_wandb_run)
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                checkpoint[WANDB_RUN_KEY] = logger.version
 
 
 class T2ICLI(LightningCLI):
@@ -267,8 +274,14 @@ class T2ICLI(LightningCLI):
         dump = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))[subcommand]
         if trainer.is_global_zero:  # before this run writes anything; other ranks have not started writing
             clean_stale_temporaries(output_roots(trainer, self.datamodule))
-        kwargs["ckpt_path"] = resolve_ckpt_path(kwargs.get("ckpt_path"), trainer, config_record(dump, sections),
-                                                subcommand, model)
+        record = config_record(dump, sections)
+
+        def resolve() -> tuple[str | None, str | None]:  # on rank 0 only, shared with every rank (resolve_once)
+            path = resolve_ckpt_path(kwargs.get("ckpt_path"), trainer, record, subcommand, model)
+            return path, recorded_wandb_run(path) if subcommand == "fit" else None
+
+        kwargs["ckpt_path"], wandb_run = resolve_once(trainer, resolve)
+        continue_wandb_run(trainer, wandb_run)
         try:
             with warnings.catch_warnings():
                 if subcommand != "fit":  # callback states (checkpointing, EMA) matter only to a resumed fit

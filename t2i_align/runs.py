@@ -35,12 +35,13 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from t2i_align.io import CheckpointError, check_trainable_state, load_checkpoint_file
@@ -52,6 +53,8 @@ RESUME_VALUES = ("last", "last_or_new")
 FORK_PREFIX = "fork:"
 #: Key under which checkpoints record the run's configuration (``{"model": ..., "data": ...}``).
 CONFIG_KEY = "t2i_align_config"
+#: Key under which checkpoints record the W&B run they were logged to (its id), so that a resume continues it.
+WANDB_RUN_KEY = "t2i_align_wandb_run"
 #: Config keys that may change between the segments of one run (they do not change what is trained).
 RUNTIME_KEYS = frozenset({"data.init_args.num_workers"})
 
@@ -155,6 +158,57 @@ def find_resume_checkpoint(trainer: L.Trainer, config: dict[str, Any]) -> tuple[
         if not matches:
             passed_over.append((path, why))
     return matches, passed_over
+
+
+def resolve_once(trainer: L.Trainer, resolve: Callable[[], Any]) -> Any:
+    """``resolve()`` on global rank 0 only, its result (or its error) shared with every rank.
+
+    On a multi-node run the ranks would otherwise each list the checkpoint folders of a shared filesystem, read
+    every candidate's record and order them by modification time, which the nodes' attribute caches need not agree
+    on: two ranks could resume different checkpoints. Where the processes were started by the cluster (SLURM,
+    torchrun), Lightning's own distributed set-up (``strategy.setup_environment``) is run here, before ``fit``,
+    so that the answer can be broadcast; ``fit`` repeats it and finds the process group up (Lightning's
+    ``_init_dist_connection`` returns early then). Where Lightning starts the other processes itself (one node),
+    they do not exist yet and every rank resolves on its own: they see one filesystem."""
+    strategy = trainer.strategy
+    environment = getattr(strategy, "cluster_environment", None)
+    if (trainer.world_size == 1 or environment is None or not environment.creates_processes_externally
+            or not hasattr(strategy, "setup_distributed")):
+        return resolve()
+    if not torch.distributed.is_initialized():
+        strategy.setup_environment()
+    shared: list[Any] = [None, None]
+    if trainer.global_rank == 0:
+        try:
+            shared[0] = resolve()
+        except Exception as error:  # noqa: BLE001 - raised on every rank below, not only here
+            shared[1] = error
+    torch.distributed.broadcast_object_list(shared, src=0)
+    if shared[1] is not None:
+        raise shared[1]
+    return shared[0]
+
+
+def recorded_wandb_run(path: str | os.PathLike | None) -> str | None:
+    """The W&B run id a local checkpoint records (:data:`WANDB_RUN_KEY`), or None."""
+    if path is None or not is_checkpoint_file_path(str(path)) or not Path(path).is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(WANDB_RUN_KEY)
+
+
+def continue_wandb_run(trainer: L.Trainer, run_id: str | None) -> None:
+    """Log a resumed fit to the W&B run its checkpoint was logged to: a SLURM requeue, or a resume by hand, then
+    continues one W&B run (``WandbLogger`` opens runs with ``resume="allow"``) and writes its checkpoints into the
+    same run folder, instead of opening a new run each time. An id set in the config
+    (``trainer.logger.init_args.id``) is kept."""
+    if run_id is None:
+        return
+    for logger in trainer.loggers:
+        # WandbLogger reads its id from these two attributes when it creates the run (lightning
+        # pytorch/loggers/wandb.py, WandbLogger.__init__ and .experiment); the run is created lazily, after this.
+        if isinstance(logger, WandbLogger) and logger._id is None and logger._experiment is None:
+            logger._id = logger._wandb_init["id"] = run_id
+            L.pytorch.utilities.rank_zero_info(f"Continuing W&B run {run_id}, which the resumed checkpoint was logged to")
 
 
 def is_checkpoint_file_path(value: str | None) -> bool:

@@ -219,3 +219,20 @@ def test_every_parameter_of_our_configured_classes_is_described():
                     if param.name not in docs:
                         undocumented.append(f"{path}: {param.name}")
     assert not undocumented, undocumented
+
+
+@pytest.mark.parametrize("fragment", [f for f in FRAGMENTS if f.startswith("experiment/") and "toyworld" not in f])
+def test_full_finetuning_on_gpu_bounds_its_disk(fragment):
+    """A whole-UNet run keeps a bounded number of ~10 GB checkpoints and ~3.4 GB exports (SD1.5, fp32 weights and
+    AdamW moments), not one every 250 steps for the whole run (~1 TB over TokenCompose's 24,000 steps)."""
+    parsed = parse_only(config_args(*stack_for(fragment)))
+    if parsed["model"]["init_args"]["generator"].get("lora") is not None or parsed["trainer"].get("accelerator") != "gpu":
+        pytest.skip("a LoRA run, or not a GPU stack")
+    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {}) for c in parsed["trainer"]["callbacks"]}
+    steps = parsed["trainer"]["max_steps"]
+    checkpoint = callbacks["StepCheckpoint"]
+    kept = checkpoint["save_top_k"] + bool(checkpoint.get("save_last"))
+    assert checkpoint["save_top_k"] >= 0 and checkpoint.get("monitor") == "step", checkpoint  # the newest, not all
+    every = callbacks.get("ExportWeights", {}).get("every_n_train_steps")
+    exports = (steps // every if every else 0) + 1
+    assert kept * 10 + exports * 3.4 <= 100, (fragment, kept, exports)  # GB

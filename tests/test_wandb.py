@@ -110,3 +110,28 @@ def test_metrics_land_in_the_run_record(runs):
         summary = record["summary"]
         for key in ("train/loss", "val/denoise_loss"):  # val/denoise_loss: the sweeps' metric
             assert math.isfinite(summary[key]) and summary[key] > 0
+
+
+def test_a_resumed_fit_continues_its_wandb_run(tiny_sd, tiny_pairs, tmp_path):
+    """A requeued or hand-resumed fit (``--ckpt_path last``) logs to the W&B run its checkpoint was logged to and
+    saves into that run's folder, instead of opening a new run each time."""
+    def fit(max_steps: int, *extra: str) -> None:
+        try:
+            cli_main(["fit", *config_args(*BASE, "logger/wandb.yaml"),
+                      f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.max_steps={max_steps}",
+                      "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
+                      f"--model.init_args.generator.pretrained={tiny_sd}", f"--data.init_args.train_pairs.path={tiny_pairs}",
+                      "--data.init_args.batch_size=2", *extra])
+        finally:
+            wandb.finish()
+
+    fit(2)
+    (first,) = [p.parent.parent for p in tmp_path.glob("*/*/checkpoints/last.ckpt")]
+    fit(4, "--ckpt_path=last")
+    runs = {p.parent.parent for p in tmp_path.glob("*/*/checkpoints/*.ckpt")}
+    assert runs == {first}  # one run folder: the resumed fit's checkpoints joined the first's
+    import torch
+    last = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
+    assert last["global_step"] == 4 and last["t2i_align_wandb_run"] == first.name
+    offline = sorted(tmp_path.glob("wandb/offline-run-*"))
+    assert len(offline) == 2 and {p.name.rsplit("-", 1)[-1] for p in offline} == {first.name}  # two segments, one run id

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         sampling = SamplingSettings(num_inference_steps=a.num_inference_steps, guidance_scale=1.0, scheduler="ddpm")
         module = ReFL(generator=config, reward=reward, sampling=sampling, min_step=a.min_step,
                       max_step=a.max_step).to(device)
+        module.experts.to(device)  # the reward is not a child of the module: what on_fit_start does under Lightning
         print(f"built and loaded in {time.perf_counter() - tic:.0f} s", flush=True)
     optimizer = torch.optim.AdamW(module.generator.trainable_parameters(), lr=1e-5)
     prompts = [f"a photo of {n} red circles next to a blue square" for n in range(batch)]

@@ -4,5 +4,6 @@ their own modules."""
 from t2i_align.callbacks.checkpoint import SaveOnSigterm, StepCheckpoint
 from t2i_align.callbacks.ema import TrainableEMA
 from t2i_align.callbacks.export import ExportWeights
+from t2i_align.callbacks.matmul import Float32Matmul
 
-__all__ = ["ExportWeights", "SaveOnSigterm", "StepCheckpoint", "TrainableEMA"]
+__all__ = ["ExportWeights", "Float32Matmul", "SaveOnSigterm", "StepCheckpoint", "TrainableEMA"]

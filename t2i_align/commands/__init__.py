@@ -5,6 +5,7 @@
 * ``build_tiny_tokenizer`` the committed tiny CLIP tokenizer fixture, rebuilt
 * ``annotate_masks``     TokenCompose's per-noun masks for a pair file (Grounded-SAM)
 * ``comat_cache``        CoMat's real latents computed ahead (the training run's config stack)
+* ``fid_reference``      FID reference statistics computed ahead (sharded over ranks, resumable)
 * ``multigen``           MultiGen MG_k of exported images
 * ``toyworld_build``     ToyWorld's data splits
 * ``toyworld_pretrain``  every pretrained ToyWorld model, from a seed

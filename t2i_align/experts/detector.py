@@ -13,7 +13,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 from t2i_align.diffusion.loading import resolve_pretrained
-from t2i_align.experts.base import check_images, expert_pixels
+from t2i_align.experts.base import ExpertModule, check_images, expert_pixels
 
 
 @runtime_checkable
@@ -22,7 +22,7 @@ class Detector(Protocol):
         ...
 
 
-class OwlV2Detector:
+class OwlV2Detector(ExpertModule):
     """transformers ``Owlv2ForObjectDetection`` with one text query per label, ``template.format(label)``.
 
     A label is found when some predicted box has it as its best-scoring query with a sigmoid score above
@@ -34,12 +34,14 @@ class OwlV2Detector:
         pretrained: hub id or local folder (model, tokenizer and ``preprocessor_config.json``).
         threshold: minimum box score.
         template: query text for a label.
-        device: where to run; the model is frozen and not a child of any LightningModule.
+        device: where the model is loaded; frozen and not a child of any LightningModule, it is moved to the module's
+            device when fit, validate, test or predict start (:class:`~t2i_align.experts.base.ExpertModule`).
         dtype: weight dtype.
     """
 
     def __init__(self, pretrained: str = "google/owlv2-base-patch16-ensemble", threshold: float = 0.1,
                  template: str = "a photo of a {}", device: str = "cpu", dtype: str = "float32") -> None:
+        super().__init__()
         from transformers import AutoTokenizer, Owlv2ForObjectDetection
         from transformers.utils import cached_file
 

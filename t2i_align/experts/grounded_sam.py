@@ -13,6 +13,7 @@ processors are not used because their fast versions need torchvision; the sizes,
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 from typing import NamedTuple, Sequence
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from t2i_align.diffusion.loading import resolve_pretrained
-from t2i_align.experts.base import check_images
+from t2i_align.experts.base import ExpertModule, check_images
 
 # Thresholds: the values of Grounding DINO's README ("Running with Python": BOX_TRESHOLD = 0.35, TEXT_TRESHOLD = 0.25;
 # IDEA-Research/GroundingDINO). Grounded-Segment-Anything's grounded_sam_demo.py defaults to --box_threshold 0.3
@@ -208,7 +209,7 @@ def _need(config: dict, key: str, pretrained: str, who: str, expected: str):
     return config[key]
 
 
-class GroundedSAMSegmenter(_BoxesThenMasks):
+class GroundedSAMSegmenter(_BoxesThenMasks, ExpertModule):
     """Grounded-SAM on transformers: ``GroundingDinoForObjectDetection`` + its tokenizer, then ``SamModel``.
 
     Per image, Grounding DINO reads each phrase as its own caption (lower case, ending with "."; one batched forward per
@@ -224,7 +225,8 @@ class GroundedSAMSegmenter(_BoxesThenMasks):
             ``pad_size``, ``image_mean``, ``image_std``).
         box_threshold: minimum best-token probability of a box.
         text_threshold: minimum probability of some token of the phrase itself.
-        device: where both models run; they are frozen and not children of any LightningModule.
+        device: where both models are loaded; frozen and not children of any LightningModule, they are moved to the
+            module's device when fit, validate, test or predict start (:class:`~t2i_align.experts.base.ExpertModule`).
         dtype: weight dtype of both models.
     """
 
@@ -233,6 +235,7 @@ class GroundedSAMSegmenter(_BoxesThenMasks):
     def __init__(self, detector: str = "IDEA-Research/grounding-dino-base", sam: str = "facebook/sam-vit-base",
                  box_threshold: float = BOX_THRESHOLD, text_threshold: float = TEXT_THRESHOLD, device: str = "cpu",
                  dtype: str = "float32") -> None:
+        super().__init__()
         from transformers import AutoTokenizer, GroundingDinoForObjectDetection, SamModel
 
         torch_dtype = getattr(torch, dtype)
@@ -307,7 +310,7 @@ class GroundedSAMSegmenter(_BoxesThenMasks):
         return sam_masks_to_image(self.sam_logits(pixels, boxes), size, (h, w), self.sam_pad)
 
 
-class OriginalGroundedSAMSegmenter(_BoxesThenMasks):
+class OriginalGroundedSAMSegmenter(_BoxesThenMasks, ExpertModule):
     """Grounded-SAM on the original packages (``groundingdino`` and ``segment_anything``), for checkpoints in their
     format; the same thresholds, geometry and union as :class:`GroundedSAMSegmenter`. Grounding DINO gets the image
     resized as its demo's ``RandomResize([800], max_size=1333)`` with ImageNet mean/std; SAM gets it through
@@ -320,7 +323,9 @@ class OriginalGroundedSAMSegmenter(_BoxesThenMasks):
         sam_model_type: key of ``segment_anything.sam_model_registry`` (vit_h, vit_l, vit_b).
         box_threshold: minimum best-token probability of a box.
         text_threshold: minimum probability of some token of the phrase itself.
-        device: where both models run.
+        device: where both models are loaded; they are moved to the module's device when fit, validate, test or
+            predict start (:class:`~t2i_align.experts.base.ExpertModule`: both are submodules, ``sam`` also
+            ``predictor.model``).
     """
 
     who = "OriginalGroundedSAMSegmenter"
@@ -328,6 +333,7 @@ class OriginalGroundedSAMSegmenter(_BoxesThenMasks):
     def __init__(self, config_file: str, grounding_checkpoint: str, sam_checkpoint: str, sam_model_type: str = "vit_h",
                  box_threshold: float = BOX_THRESHOLD, text_threshold: float = TEXT_THRESHOLD,
                  device: str = "cpu") -> None:
+        super().__init__()
         try:
             from groundingdino.util.inference import load_model
             from segment_anything import SamPredictor, sam_model_registry
@@ -345,11 +351,16 @@ class OriginalGroundedSAMSegmenter(_BoxesThenMasks):
         else:
             self.detector = load_model(config_file, grounding_checkpoint)
         self.detector.to(device).eval().requires_grad_(False)
-        sam = sam_model_registry[sam_model_type](checkpoint=sam_checkpoint)
-        sam.to(device).eval().requires_grad_(False)
-        self.predictor = SamPredictor(sam)
-        self.device = torch.device(device)
+        self.sam = sam_model_registry[sam_model_type](checkpoint=sam_checkpoint)
+        self.sam.to(device).eval().requires_grad_(False)
+        self.predictor = SamPredictor(self.sam)  # the same module: it moves with this one
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models are now."""
+        tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
 
     @torch.no_grad()
     def boxes(self, image: torch.Tensor, phrases: Sequence[str]) -> list[Grounding]:

@@ -20,6 +20,7 @@ import torch
 
 from t2i_align.diffusion.loading import resolve_pretrained
 from t2i_align.diffusion.tokens import phrase_pattern
+from t2i_align.experts.base import ExpertModule
 
 LABELS = ("certain", "may", "unlikely")
 
@@ -84,7 +85,7 @@ class LocalJudge(LikelihoodJudge, Protocol):
         ...
 
 
-class CausalLMJudge:
+class CausalLMJudge(ExpertModule):
     """A transformers causal LM as the likelihood judge and the local describer.
 
     Args:
@@ -92,12 +93,14 @@ class CausalLMJudge:
         template: the likelihood question, with ``{prompt}`` and ``{tag}``.
         describe_template: the local-description question (the fine stage), with ``{prompt}`` and ``{tag}``.
         max_new_tokens: answer length limit.
-        device: where the LM runs.
+        device: where the LM is loaded; a method moves it to the module's device when fit, validate, test or predict
+            start (:class:`~t2i_align.experts.base.ExpertModule`).
         dtype: the LM's weight dtype.
     """
 
     def __init__(self, pretrained: str, template: str = DEFAULT_TEMPLATE, describe_template: str = DESCRIBE_TEMPLATE,
                  max_new_tokens: int = 16, device: str = "cpu", dtype: str = "float32") -> None:
+        super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         pretrained = resolve_pretrained(pretrained, "language model")

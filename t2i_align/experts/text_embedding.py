@@ -11,14 +11,20 @@ from typing import Callable, Sequence
 import torch
 
 from t2i_align.diffusion.loading import resolve_pretrained
+from t2i_align.experts.base import ExpertModule
 
 Embedder = Callable[[Sequence[str]], torch.Tensor]  # texts -> N x D (normalised rows)
 
 
-class SentenceEmbedder:
-    """Args: pretrained: hub id or local folder with an ``AutoModel`` encoder and its tokenizer."""
+class SentenceEmbedder(ExpertModule):
+    """Args:
+        pretrained: hub id or local folder with an ``AutoModel`` encoder and its tokenizer.
+        device: where the encoder is loaded; whoever holds it (TIFA's callback) moves it to the module's device
+            with ``.to(device)`` (:class:`~t2i_align.experts.base.ExpertModule`).
+    """
 
     def __init__(self, pretrained: str = "sentence-transformers/all-mpnet-base-v2", device: str = "cpu") -> None:
+        super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
         pretrained = resolve_pretrained(pretrained, "text embedding model")

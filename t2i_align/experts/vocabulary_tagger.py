@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from t2i_align.experts.base import check_images
+from t2i_align.experts.base import ExpertModule, check_images, move_plain_parts
 from t2i_align.experts.detector import Detector
 
 
@@ -30,17 +30,19 @@ def read_vocabulary(path: str | os.PathLike) -> list[str]:
     return labels
 
 
-class VocabularyTagger:
+class VocabularyTagger(ExpertModule):
     """Tags = the vocabulary labels the detector finds in an image, in vocabulary order.
 
     Args:
-        detector: any :class:`~t2i_align.experts.detector.Detector` (``OwlV2Detector``, ``ToyDetector``, ...).
+        detector: any :class:`~t2i_align.experts.detector.Detector` (``OwlV2Detector``, ``ToyDetector``, ...); one
+            that holds models is an ``nn.Module`` (``OwlV2Detector``), a submodule here: ``.to(device)`` moves it.
         vocabulary: the labels, or the path of a text file with one label a line.
         chunk_size: labels asked per detector call (a detector's memory grows with its number of text queries).
     """
 
     def __init__(self, detector: Detector, vocabulary: Sequence[str] | str | os.PathLike,
                  chunk_size: int = 64) -> None:
+        super().__init__()
         if isinstance(vocabulary, (str, os.PathLike)):
             labels = read_vocabulary(vocabulary)
         else:
@@ -50,6 +52,11 @@ class VocabularyTagger:
         if chunk_size < 1:
             raise ValueError(f"VocabularyTagger: chunk_size must be at least 1, got {chunk_size}")
         self.detector, self.vocabulary, self.chunk_size = detector, labels, chunk_size
+
+    def to(self, *args, **kwargs) -> VocabularyTagger:
+        super().to(*args, **kwargs)
+        move_plain_parts([self.detector], *args, **kwargs)  # a detector with its own `to` that is not a module
+        return self
 
     @torch.no_grad()
     def tags(self, images: torch.Tensor) -> list[list[str]]:

@@ -13,7 +13,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 from t2i_align.diffusion.loading import resolve_pretrained
-from t2i_align.experts.base import check_images, expert_pixels
+from t2i_align.experts.base import ExpertModule, check_images, expert_pixels
 
 
 @runtime_checkable
@@ -22,18 +22,20 @@ class VQAModel(Protocol):
         ...
 
 
-class BlipVQA:
+class BlipVQA(ExpertModule):
     """transformers ``BlipForQuestionAnswering`` (default ``Salesforce/blip-vqa-base``, TIFA's fast
     option is BLIP VQA as well), greedy answers of at most ``max_new_tokens`` tokens.
 
     Args:
         pretrained: hub id or local folder (model + ``BlipProcessor``).
-        device: where to run; the model is frozen and not a child of any LightningModule.
+        device: where the model is loaded; frozen and not a child of any LightningModule, it is moved to the module's
+            device when fit, validate, test or predict start (:class:`~t2i_align.experts.base.ExpertModule`).
         dtype: weight dtype (``float16``/``bfloat16`` on GPUs).
     """
 
     def __init__(self, pretrained: str = "Salesforce/blip-vqa-base", device: str = "cpu", dtype: str = "float32",
                  max_new_tokens: int = 10) -> None:
+        super().__init__()
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
         pretrained = resolve_pretrained(pretrained, "VQA model")

@@ -13,6 +13,7 @@ from typing import Mapping
 
 import torch
 
+from t2i_align.experts.base import move_plain_parts
 from t2i_align.experts.likelihood import LABELS, LikelihoodJudge
 from t2i_align.experts.tagger import Tagger
 from t2i_align.rewards.base import Reward
@@ -35,6 +36,11 @@ class SAMReward(Reward):
         tagger: the tagging expert (``class_path``; ToyWorld: ``t2i_align.toyworld.experts.sam_reward.ToyTagger``).
         judge: the likelihood judge (``t2i_align.experts.likelihood.CausalLMJudge`` or ToyWorld's rules).
         scores: points per label (FineRewards' code: certain 3, may 2, unlikely 1).
+
+    A tagger or judge that holds models is an ``nn.Module`` (:class:`~t2i_align.experts.base.ExpertModule`:
+    ``CaptionNounTagger``, ``CausalLMJudge``), so a submodule here: ``.to(device)`` moves it with the reward, which the
+    method's :class:`~t2i_align.lightning_modules.base.FrozenExperts` moves to the module's device when fit, validate,
+    test or predict start; ``to`` also reaches a part that is not a module but has its own ``to``.
     """
 
     differentiable = False
@@ -45,6 +51,11 @@ class SAMReward(Reward):
         self.scores = dict(scores or CODE_SCORES)
         if set(self.scores) != set(LABELS):
             raise ValueError(f"SAMReward scores must give points for exactly {list(LABELS)}, got {sorted(self.scores)}")
+
+    def to(self, *args, **kwargs) -> SAMReward:
+        super().to(*args, **kwargs)
+        move_plain_parts([self.tagger, self.judge], *args, **kwargs)
+        return self
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

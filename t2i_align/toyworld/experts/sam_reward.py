@@ -8,6 +8,9 @@ description (the prompt's phrase with its attributes, which RealignDiff's fine s
 rewards. An attribute-aware label ("may" for a wrong stated attribute) made the reward prefer leaving an object out
 to drawing it in the wrong colour, and made the fine stage modulate exactly those objects less (RealignDiff Eq. 9);
 it is kept behind ``attributes=True`` for ablations.
+
+Both hold no model (the judge runs numpy on the CPU): their ``to(device)`` moves nothing
+(:class:`~t2i_align.experts.base.ModelFreeExpert`).
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ from typing import Sequence
 
 import torch
 
-from t2i_align.experts.base import check_images
+from t2i_align.experts.base import ModelFreeExpert, check_images
 from t2i_align.toyworld.experts.judge import ToyJudge
 from t2i_align.toyworld.experts.segmenter import parse_noun_phrase
 from t2i_align.toyworld.world import Phrase, parse_prompt
 
 
-class ToyTagger:
+class ToyTagger(ModelFreeExpert):
     """One tag per detected object, "<size> <texture> <colour> <shape>" (e.g. "big striped red circle").
 
     Args:
@@ -38,7 +41,7 @@ class ToyTagger:
                 for found in self.judge.detect_batch(images.float().cpu())]
 
 
-class ToyLikelihoodJudge:
+class ToyLikelihoodJudge(ModelFreeExpert):
     """certain: a phrase of the prompt names the tag's shape (its category); unlikely: the shape is not in the
     prompt. A tag's local description is the prompt's phrase of that shape (the one agreeing on most of the tag's
     attributes), without its article or count word: "red circle" for the tag "big plain blue circle" in

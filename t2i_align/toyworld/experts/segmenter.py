@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from t2i_align.experts.base import check_images
+from t2i_align.experts.base import ModelFreeExpert, check_images
 from t2i_align.toyworld.experts.judge import ToyJudge
 from t2i_align.toyworld.world import Phrase, parse_phrase
 
@@ -22,7 +22,7 @@ def parse_noun_phrase(text: str) -> Phrase:
     return parse_phrase(t if t.startswith(_HEADS) else f"a {t}", text)
 
 
-class ToySegmenter:
+class ToySegmenter(ModelFreeExpert):
     """Masks of the judge's detections that match each phrase (shape and every stated attribute).
 
     Args:
@@ -47,7 +47,7 @@ class ToySegmenter:
         return out
 
 
-class ToyDetector:
+class ToyDetector(ModelFreeExpert):
     """The detector interface answered by the judge: a label is found when some detected object matches it (its
     shape and every attribute it states), the MultiGen/VISOR check on ToyWorld.
 

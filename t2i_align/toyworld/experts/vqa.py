@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from t2i_align.experts.base import check_images
+from t2i_align.experts.base import ModelFreeExpert, check_images
 from t2i_align.toyworld.experts.judge import ToyJudge
 from t2i_align.toyworld.experts.segmenter import parse_noun_phrase
 from t2i_align.toyworld.world import RELATIONS, relation_holds
@@ -19,7 +19,7 @@ _COUNT = re.compile(r"^how many (?P<phrase>.+?)s are there\?$")
 _RELATION = re.compile(r"^is the (?P<a>.+?) (?P<rel>" + "|".join(RELATIONS) + r") the (?P<b>.+)\?$")
 
 
-class ToyVQA:
+class ToyVQA(ModelFreeExpert):
     """Answers ToyWorld questions from the judge's detections; "unknown" for a question it cannot parse.
 
     Args:
