@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
@@ -168,12 +169,14 @@ def resolve_once(trainer: L.Trainer, resolve: Callable[[], Any]) -> Any:
     on: two ranks could resume different checkpoints. Where the processes were started by the cluster (SLURM,
     torchrun), Lightning's own distributed set-up (``strategy.setup_environment``) is run here, before ``fit``,
     so that the answer can be broadcast; ``fit`` repeats it and finds the process group up (Lightning's
-    ``_init_dist_connection`` returns early then). Where Lightning starts the other processes itself (one node),
-    they do not exist yet and every rank resolves on its own: they see one filesystem."""
+    ``_init_dist_connection`` returns early then). Where Lightning starts the other processes itself (one node,
+    ``LightningEnvironment``), they do not exist yet and every rank resolves on its own: they see one filesystem.
+    (``LightningEnvironment`` cannot tell: its children see ``LOCAL_RANK`` and call themselves externally created,
+    while rank 0 does not, so the ranks would disagree on whether to broadcast.)"""
     strategy = trainer.strategy
     environment = getattr(strategy, "cluster_environment", None)
-    if (trainer.world_size == 1 or environment is None or not environment.creates_processes_externally
-            or not hasattr(strategy, "setup_distributed")):
+    if (trainer.world_size == 1 or environment is None or isinstance(environment, LightningEnvironment)
+            or not environment.creates_processes_externally or not hasattr(strategy, "setup_distributed")):
         return resolve()
     if not torch.distributed.is_initialized():
         strategy.setup_environment()

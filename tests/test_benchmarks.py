@@ -67,3 +67,23 @@ def test_speed_benchmark_result_comparisons(tmp_path):
     assert t["same_names"] and abs(t["loss_max_rel_diff"] - 0.1) < 1e-9
     assert t["weights_compared"] == 1 and t["weights_missing"] == 1 and t["weights_max_abs_diff"] == 0.5
     assert any("train_prompts" in arg for arg in speed.data_overrides(tmp_path, "comat"))
+
+
+def test_gpu_check_smoke_mode_runs_every_check(tmp_path):
+    """The prepared GPU check runs on CPU with tiny models (so it cannot rot between GPU sessions): every check ends
+    ok, or skipped where it needs CUDA, and the report is written as JSON and Markdown."""
+    import subprocess
+    import sys
+
+    script = Path(REPO_ROOT) / "experiments" / "benchmarks" / "gpu_check.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    gpu = load_script("gpu_check")
+    assert list(report["checks"]) == list(gpu.CHECKS)
+    status = {name: row["status"] for name, row in report["checks"].items()}
+    assert status == {**{n: "ok" for n in gpu.CHECKS}, "gpu_tests": "skipped", "sync_audit": "skipped"}, report
+    assert report["checks"]["tokencompose_step"]["result"]["sec_per_update"] > 0
+    assert "weights_path" in report["checks"]["fid_offline"]["result"]["message"]
+    assert (tmp_path / "gpu_check.md").read_text().count("| ok |") == len(gpu.CHECKS) - 2

@@ -40,6 +40,9 @@ WORKER = textwrap.dedent('''
         row["fitted_steps"] = trainer.global_step
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(row, f)
+    if torch.distributed.is_initialized():  # a clean exit for both ranks (gloo's teardown can race otherwise)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 ''')
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from t2i_align.datamodules.sampler import real_rows
 from t2i_align.io import save_png
 
 
 class BenchmarkWriter(BasePredictionWriter):
     """Writes the images of :class:`~t2i_align.datamodules.export.BenchmarkExportData` jobs, each file
     atomically (an interrupted export resumes by skipping finished files; the datamodule checks that the
-    folder's recipe matches first). When prediction ends, rank 0 writes the layout's metadata and completes
+    folder's recipe matches first). A job repeated to give a rank work (``batch["padding"]``) is not written again
+    nor counted in ``written``. When prediction ends, rank 0 writes the layout's metadata and completes
     ``export.json`` with the counts."""
 
     def __init__(self) -> None:
@@ -25,7 +27,9 @@ class BenchmarkWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         from t2i_align.callbacks.evaluation import image_grid
 
-        for path, images in zip(batch["paths"], prediction):
+        # a job repeated only so that this rank has work (batch["padding"]) is another rank's file to write
+        for i in real_rows(batch, len(batch["paths"])):
+            path, images = batch["paths"][i], prediction[i]
             if len(images) == 1:
                 picture = images[0]
             else:

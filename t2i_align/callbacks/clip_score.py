@@ -95,6 +95,8 @@ class CLIPScoreEvaluation(GenerativeEvaluation):
         backbone: name in the metric (default from ``pretrained``: ``L14``, ``B32``, or the folder name).
     """
 
+    expert_attributes = ("metric",)  # torchmetrics' CLIPScore holds the CLIP model: moved to the module's device by run()
+
     def __init__(self, pretrained: str = "openai/clip-vit-large-patch14", backbone: str | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.pretrained = pretrained

@@ -2,8 +2,10 @@
 
 A fixed list of items (prompt, per-item seed) is generated with the current weights (LoRA applied),
 under ``no_grad`` and with every submodule in eval mode, at the end of each validation (and test).
-Rank ``r`` of ``W`` takes items ``r, r+W, ...``: no duplicates, none missing (Lightning's distributed
-sampler would pad by repeating items). Subclasses implement :meth:`reset`, :meth:`update` and
+Rank ``r`` of ``W`` takes items ``r, r+W, ...`` (:class:`~t2i_align.datamodules.sampler.ShardSampler`'s split):
+every rank makes as many images, at least one, and a rank short of items repeats one; the repeats are
+dropped before :meth:`update` and the sample logs, so each item is scored once, as in one process.
+Subclasses implement :meth:`reset`, :meth:`update` and
 :meth:`compute`; ``compute`` runs on every rank (metric syncs are collective) and returns identical
 values everywhere, logged as ``<val|test>/<key>``. The sampler settings are logged once as
 hyperparameters (``eval/<name>``) so every number can be traced to how its images were made.
@@ -26,6 +28,7 @@ import torch.distributed as dist
 
 from t2i_align.common import EvalItem, derive_seed, image_grid  # noqa: F401  (re-exported)
 from t2i_align.datamodules.prompts import Prompt, PromptSource, load_prompt_sources
+from t2i_align.datamodules.sampler import PaddingIndex, ShardSampler
 from t2i_align.diffusion.sampling import SamplingSettings
 
 
@@ -64,6 +67,9 @@ class GenerativeEvaluation(L.Callback):
     """
 
     name = "eval"
+    #: attributes that hold frozen models (detector, VQA model, judge, ...): :meth:`run` moves them to the module's
+    #: device on every rank before they see an image (:meth:`frozen_experts`)
+    expert_attributes: tuple[str, ...] = ()
 
     def __init__(self, prompts: list[PromptSource] | None = None, images_per_prompt: int = 1,
                  sampling: SamplingSettings = SamplingSettings(num_inference_steps=25), batch_size: int = 8,
@@ -93,7 +99,18 @@ class GenerativeEvaluation(L.Callback):
         """Metrics after all ranks updated; called on every rank, must return the same values everywhere."""
         raise NotImplementedError
 
+    def frozen_experts(self) -> list[Any]:
+        """The frozen models this evaluation scores with (default: those named by :attr:`expert_attributes`)."""
+        return [e for e in (getattr(self, name, None) for name in self.expert_attributes) if e is not None]
+
     # -------------------------------------------------------------------------------------- machinery
+    def move_experts(self, device: torch.device) -> None:
+        """Experts follow the module, on every rank (rank r's images are on ``cuda:r``): each with a ``to``
+        (``nn.Module``s and the expert classes) is moved to ``device``; other objects are left as they are."""
+        for expert in self.frozen_experts():
+            if callable(getattr(expert, "to", None)):
+                expert.to(device)
+
     @property
     def items(self) -> list[EvalItem]:
         if self._items is None:
@@ -106,19 +123,34 @@ class GenerativeEvaluation(L.Callback):
     def settings(self) -> dict[str, Any]:
         return {"items": len(self.items), "images_per_prompt": self.images_per_prompt, "seed": self.seed, **self.sampling.as_dict()}
 
+    def shard(self, trainer: L.Trainer) -> list[tuple[int, bool]]:
+        """This rank's items: (position in :attr:`items`, is a repeat), as many on every rank, at least one."""
+        return [(int(i), isinstance(i, PaddingIndex))
+                for i in ShardSampler(len(self.items), trainer.world_size, trainer.global_rank)]
+
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Generate this rank's share, update, compute on all ranks; log samples. Returns the metrics."""
-        mine = self.items[trainer.global_rank::trainer.world_size]
+        """Generate this rank's share, update, compute on all ranks; log samples. Returns the metrics.
+
+        A repeated item (a rank short of items) is generated like the others, so that the ranks make the same
+        batches, but never reaches :meth:`update` or the sample logs: subclasses see each item once."""
+        mine = self.shard(trainer)
+        self.move_experts(pl_module.device)
         self.reset(pl_module)
         kept: list[tuple[int, EvalItem, torch.Tensor, dict]] = []
         with torch.no_grad(), eval_mode(pl_module):
             for start in range(0, len(mine), self.batch_size):
-                batch = mine[start:start + self.batch_size]
+                chunk = mine[start:start + self.batch_size]
+                batch = [self.items[index] for index, _ in chunk]
                 images = pl_module.sample([it.prompt for it in batch], [it.seed for it in batch],
                                           self.sampling).images.float().clamp(0, 1)
+                real = [j for j, (_, repeat) in enumerate(chunk) if not repeat]
+                if not real:
+                    continue
+                if len(real) < len(chunk):
+                    images, batch = images[real], [batch[j] for j in real]
                 scores = self.update(images, batch, pl_module) or [{} for _ in batch]
-                for j, (image, item, s) in enumerate(zip(images, batch, scores)):
-                    index = trainer.global_rank + (start + j) * trainer.world_size  # position in self.items
+                for j, image, item, s in zip(real, images, batch, scores):
+                    index = chunk[j][0]  # position in self.items
                     if index < self.log_samples:
                         kept.append((index, item, image.cpu(), s))
         metrics = self.compute(trainer, pl_module)

@@ -89,6 +89,8 @@ class MultiGenEvaluation(GenerativeEvaluation):
         limit: only the first N prompts.
     """
 
+    expert_attributes = ("detector",)  # moved to the module's device by run()
+
     def __init__(self, prompt_file: str, detector: Detector | None = None, limit: int | None = None,
                  **kwargs) -> None:
         super().__init__(**kwargs)

@@ -101,9 +101,12 @@ class RewardAgreement(GenerativeEvaluation):
         self.rewards, self.reference, self.rank_sum = dict(rewards), reference, rank_sum
         self._rows: list[dict] = []
 
+    def frozen_experts(self) -> list:
+        return [*self.rewards.values(), self.reference]  # run() moves them to the module's device
+
     def reset(self, pl_module: L.LightningModule) -> None:
         self._rows = []
-        for expert in [*self.rewards.values(), self.reference]:
+        for expert in self.frozen_experts():  # rewards are nn.Modules
             expert.to(pl_module.device).eval()
 
     def update(self, images: torch.Tensor, items: Sequence[EvalItem], pl_module: L.LightningModule) -> list[dict]:

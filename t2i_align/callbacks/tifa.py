@@ -121,6 +121,8 @@ class TIFAEvaluation(GenerativeEvaluation):
         limit: evaluate only the first N prompts of the file.
     """
 
+    expert_attributes = ("vqa", "embedder")  # moved to the module's device by run()
+
     def __init__(self, questions: str, vqa: VQAModel | None = None, embedder: Callable | None = None,
                  limit: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -44,6 +44,7 @@ class ToyWorldEvaluation(GenerativeEvaluation):
     """
 
     name = "toy"
+    expert_attributes = ("judge",)  # moved to the module's device by run() (when it has a `to`)
 
     def __init__(self, prompts_dir: str, categories: list[str] | None = None, per_category: int | None = 16,
                  images_per_prompt: int = 1,

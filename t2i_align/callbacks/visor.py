@@ -51,6 +51,7 @@ class VISORObjectAccuracy(GenerativeEvaluation):
     """
 
     name = "visor"
+    expert_attributes = ("detector",)  # moved to the module's device by run()
 
     def __init__(self, detector: Detector | None = None, **kwargs) -> None:
         super().__init__(**kwargs)

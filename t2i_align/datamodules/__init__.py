@@ -15,7 +15,7 @@ from .prompts import (
     read_prompts,
     sniff_format,
 )
-from .sampler import ShardSampler, StreamSampler
+from .sampler import PaddedCollate, PaddedDataset, PaddingIndex, ShardSampler, StreamSampler, real_rows
 
 __all__ = [
     "BenchmarkExportData",
@@ -26,6 +26,9 @@ __all__ = [
     "PairFileError",
     "PairRecord",
     "PairSource",
+    "PaddedCollate",
+    "PaddedDataset",
+    "PaddingIndex",
     "Prompt",
     "PromptDataset",
     "PromptFileError",
@@ -37,5 +40,6 @@ __all__ = [
     "collate_prompts",
     "load_prompt_sources",
     "read_prompts",
+    "real_rows",
     "sniff_format",
 ]

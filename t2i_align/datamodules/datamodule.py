@@ -1,5 +1,5 @@
 """LightningDataModule: endless, resumable training streams over prompts and/or image-caption pairs plus
-exact (unpadded) validation splits."""
+validation splits that give every rank work (repeats marked in ``batch["padding"]``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from .pairs import PairDataset, PairSource, collate_pairs
 from .prompts import PromptDataset, PromptSource, collate_prompts, load_prompt_sources
-from .sampler import ShardSampler, StreamSampler
+from .sampler import PaddedCollate, PaddedDataset, ShardSampler, StreamSampler
 
 __all__ = ["T2IDataModule", "check_for_generator"]
 
@@ -73,7 +73,9 @@ class T2IDataModule(L.LightningDataModule):
     "masks": [[(noun, BoolTensor[R, R] | None)] | None] | None}`` (methods read them with
     :func:`~t2i_align.lightning_modules.base.batch_prompts` / ``batch_pairs``). Each training loader is an endless :class:`StreamSampler` stream; bound training
     with ``max_steps`` and validate with an integer ``val_check_interval`` (plus
-    ``check_val_every_n_epoch=None``), since the single Lightning epoch never ends.
+    ``check_val_every_n_epoch=None``), since the single Lightning epoch never ends. A validation batch is one prompt
+    or pair batch plus ``"padding"`` (BoolTensor[B], True for a repeat that only gives a rank work: skip it; see
+    :meth:`val_dataloader`).
 
     The LightningModule must call :meth:`advance` once per training batch (see there for *where*). The
     stream positions are saved by Lightning through :meth:`state_dict` and restored through
@@ -178,12 +180,13 @@ class T2IDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------------------------------------- loaders
 
-    def _loader(self, dataset: Any, sampler: Any, batch_size: int, kind: str) -> DataLoader:
+    def _loader(self, dataset: Any, sampler: Any, batch_size: int, kind: str, padded: bool = False) -> DataLoader:
+        collate = collate_prompts if kind == "prompts" else collate_pairs
         return DataLoader(
-            dataset,
+            PaddedDataset(dataset) if padded else dataset,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=collate_prompts if kind == "prompts" else collate_pairs,
+            collate_fn=PaddedCollate(collate) if padded else collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=False,
@@ -220,14 +223,19 @@ class T2IDataModule(L.LightningDataModule):
         return list(self._val_sets)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        """Validation loaders with exact :class:`ShardSampler` splits: one loader, a list
-        ``[prompts, pairs]`` (see :attr:`val_loader_names`), or ``[]`` when nothing is configured."""
+        """Validation loaders split by :class:`ShardSampler`: one loader, a list ``[prompts, pairs]`` (see
+        :attr:`val_loader_names`), or ``[]`` when nothing is configured.
+
+        Every rank gets the same number of items, at least one, also from a set smaller than the world size
+        (Lightning would skip the validation of a rank without any, and the others would wait for it in the
+        epoch-end syncs). The short ranks repeat items; every batch has ``"padding"``, a bool tensor that is True
+        for a repeat, which metrics must drop (each item then counts once, as in one process)."""
         loaders = []
         for kind in self.val_loader_names:
             dataset = self._val_sets[kind]  # type: ignore[index]
             n = len(dataset) if self.val_limit is None else min(len(dataset), self.val_limit)
             sampler = ShardSampler(n, self.world_size, self.rank)
-            loaders.append(self._loader(dataset, sampler, self.val_batch_size, kind))
+            loaders.append(self._loader(dataset, sampler, self.val_batch_size, kind, padded=True))
         return loaders[0] if len(loaders) == 1 else loaders
 
     # ---------------------------------------------------------------------------------------------- state

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from t2i_align.common import ConfigError, derive_seed
 from t2i_align.datamodules.datamodule import check_for_generator
 from t2i_align.datamodules.prompts import Prompt, PromptSource, read_prompts
-from t2i_align.datamodules.sampler import ShardSampler
+from t2i_align.datamodules.sampler import PaddedCollate, PaddedDataset, ShardSampler
 from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.io import NAME_MAX, atomic_path, temporary_name_length
 from t2i_align.runs import checkpoint_identity, config_differences
@@ -142,8 +142,9 @@ class ExportJob:
 
 
 class BenchmarkExportData(L.LightningDataModule):
-    """Every image a benchmark needs, minus those already on disk (a rerun resumes), split across ranks
-    without duplicates. Seeds depend on (seed, set, prompt id, image number) only.
+    """Every image a benchmark needs, minus those already on disk (a rerun resumes), split across ranks: each
+    job is rendered and written once (a rank short of jobs repeats one, marked in ``batch["padding"]``, that the
+    writer skips). Seeds depend on (seed, set, prompt id, image number) only.
 
     ``<output_dir>/export.json`` records the recipe (layout, prompts digest, seed, sampler settings, weights
     digest, and the checkpoint loaded with ``--ckpt_path``: its path, the sha256 of the file and the run config
@@ -218,8 +219,12 @@ class BenchmarkExportData(L.LightningDataModule):
             # Here, not in setup: Lightning asks for the loader after loading --ckpt_path, so the weights are
             # final; and it skips every predict hook when no file is left to render.
             self._begin(trainer)
-        return DataLoader(self.jobs, batch_size=self.batch_size, sampler=ShardSampler(len(self.jobs), world, rank),
-                          collate_fn=collate_jobs)
+        # Every rank gets as many jobs as the others, at least one, also when fewer files than ranks are left (a
+        # resumed export): Lightning skips the predict loop of a rank without any, and with it the writer's
+        # barrier in on_predict_end that the other ranks then wait in. A repeated job is marked in
+        # batch["padding"]; the writer does not write it again.
+        return DataLoader(PaddedDataset(self.jobs), batch_size=self.batch_size,
+                          sampler=ShardSampler(len(self.jobs), world, rank), collate_fn=PaddedCollate(collate_jobs))
 
     def _begin(self, trainer: L.Trainer) -> None:
         """Refuse a folder made with another recipe; record this one before the first image is written."""

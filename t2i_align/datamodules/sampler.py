@@ -1,4 +1,5 @@
-"""Samplers: an endless, resumable training stream counted in global samples, and an exact evaluation split.
+"""Samplers: an endless, resumable training stream counted in global samples, and an evaluation split that
+gives every rank the same number of items (short ranks padded with marked repeats).
 
 Both subclass :class:`torch.utils.data.DistributedSampler` only so that Lightning leaves them in place: its
 ``_requires_distributed_sampler`` (lightning/pytorch/trainer/connectors/data_connector.py) skips loaders whose
@@ -9,13 +10,13 @@ group) and set the attributes they need themselves.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
-__all__ = ["ShardSampler", "StreamSampler"]
+__all__ = ["PaddedCollate", "PaddedDataset", "PaddingIndex", "ShardSampler", "StreamSampler", "real_rows"]
 
 
 def _check_rank(num_replicas: int, rank: int) -> None:
@@ -137,11 +138,31 @@ class StreamSampler(DistributedSampler):
         self.advance(int(state["consumed"]))
 
 
-class ShardSampler(DistributedSampler):
-    """Finite evaluation split: rank ``r`` gets ``r, r+W, r+2W, ...`` of ``range(n)``.
+class PaddingIndex(int):
+    """A dataset index that :class:`ShardSampler` yields for a *repeated* item (padding): an ``int`` for the
+    dataset, told apart by its type. Pickles as itself, so the mark reaches DataLoader worker processes."""
 
-    Every index is visited exactly once across ranks, without padding, so ranks may get different counts
-    (possibly zero when ``n < W``).
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"PaddingIndex({int(self)})"
+
+
+class ShardSampler(DistributedSampler):
+    """Finite evaluation split in which every rank gets the same number of items, at least one (when ``n >= 1``).
+
+    Rank ``r`` of ``W`` takes the positions ``r, r+W, r+2W, ...`` of ``range(total_size)``, where ``total_size`` is
+    ``n`` rounded up to a multiple of ``W`` (at least ``W``). Position ``p < n`` is index ``p``; a position past the
+    end is a repeat of index ``p % n``, yielded as a :class:`PaddingIndex` (torch's ``DistributedSampler`` pads the
+    same way, but without telling the repeats apart). So every index is visited exactly once as a real item; the
+    repeats only give every rank work, and whatever consumes them must drop them: wrap the dataset in
+    :class:`PaddedDataset` and the collate function in :class:`PaddedCollate`, and every batch carries
+    ``batch["padding"]`` (a bool tensor, True for a repeat).
+
+    Why every rank needs items: Lightning skips the evaluation / prediction loop of a rank whose loader is empty,
+    end hooks included (``skip`` in lightning/pytorch/loops/evaluation_loop.py and prediction_loop.py), so the
+    ranks that have items wait forever in the collective calls of those hooks (metric syncs, barriers). Equal
+    counts keep the ranks' batches in step as well. ``n = 0`` gives every rank nothing (all skip alike).
     """
 
     def __init__(
@@ -157,14 +178,58 @@ class ShardSampler(DistributedSampler):
         self.drop_last = False
         self.seed = 0
         self.epoch = 0
-        self.num_samples = len(range(rank, n, num_replicas))
-        self.total_size = n
+        self.num_samples = -(-n // num_replicas) if n else 0  # ceil(n / W): >= 1 for every rank when n >= 1
+        self.total_size = self.num_samples * num_replicas
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.num_replicas))
+        for p in range(self.rank, self.total_size, self.num_replicas):
+            yield p if p < self.n else PaddingIndex(p % self.n)
 
     def __len__(self) -> int:
         return self.num_samples
 
+    @property
+    def padding(self) -> list[bool]:
+        """This rank's items in order: True for a repeat."""
+        return [p >= self.n for p in range(self.rank, self.total_size, self.num_replicas)]
+
     def set_epoch(self, epoch: int) -> None:
         """No-op: the split does not depend on the epoch."""
+
+
+class PaddedDataset(Dataset):
+    """``dataset`` for a :class:`ShardSampler`: item ``i`` is ``(dataset[i], is_repeat)`` (see :class:`PaddedCollate`)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, bool]:
+        return self.dataset[index], isinstance(index, PaddingIndex)
+
+
+class PaddedCollate:
+    """``collate`` for :class:`PaddedDataset` items: the batch dict of ``collate`` plus ``"padding"``, a bool
+    tensor with one entry per item, True for a repeat that metrics and exports must ignore (a class, not a
+    closure, so that DataLoader workers started by ``spawn`` can unpickle it)."""
+
+    def __init__(self, collate: Callable[[list], dict]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: Sequence[tuple[Any, bool]]) -> dict:
+        batch = self.collate([item for item, _ in items])
+        batch["padding"] = torch.tensor([bool(flag) for _, flag in items], dtype=torch.bool)
+        return batch
+
+
+def real_rows(batch: dict, size: int | None = None) -> list[int]:
+    """Positions of the real (not repeated) rows of a batch with ``batch["padding"]``; every row without it.
+    ``size``: the batch's length when it has no ``"padding"``."""
+    padding = batch.get("padding")
+    if padding is None:
+        if size is None:
+            raise ValueError("real_rows: a batch without 'padding' needs its size")
+        return list(range(size))
+    return [i for i, flag in enumerate(padding.tolist()) if not flag]

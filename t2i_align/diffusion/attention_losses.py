@@ -49,23 +49,60 @@ def resize_mask(mask: Tensor, size: int | tuple[int, int]) -> Tensor:
     return (m > 0).float()
 
 
-def _groups(maps: Tensor, groundings: Sequence[Sequence[Grounding]]):
-    """Per sample, its float32 map ``[h, w, T]`` and a list of (token maps ``[h, w, K]``, mask ``[h, w]``).
+MaskCache = dict  # (h, w, device) -> (resized masks per sample, their emptiness per sample); see _groups
 
-    A group may also be given as a plain ``(positions, mask)`` pair.
+
+def _resized(groundings: Sequence[Sequence[Grounding]], hw: tuple[int, int], device: torch.device):
+    """Every group's mask resized to ``hw`` on ``device``, and whether each is non-empty (plain bools).
+
+    One batch of work instead of one per group: the masks are resized where they are, their emptiness read in one
+    transfer (``tolist`` of one flag tensor: no sync at all for masks on the CPU, one for masks on a GPU, where a
+    ``mask.any()`` branch per group cost one each), and moved to ``device`` in one copy (asynchronous from pinned
+    memory to a GPU) instead of one blocking copy per group.
+    """
+    pairs = [(g.positions, g.mask) if isinstance(g, Grounding) else g for groups in groundings for g in groups]
+    for positions, _ in pairs:
+        if len(positions) == 0:
+            raise ValueError("a grounding needs at least one token position")
+    if not pairs:
+        return [[] for _ in groundings], [[] for _ in groundings]
+    masks = torch.stack([resize_mask(mask, hw).to(pairs[0][1].device) for _, mask in pairs])
+    flags = masks.flatten(1).any(1).tolist()
+    if masks.device != torch.device(device):
+        pin = masks.device.type == "cpu" and torch.device(device).type == "cuda"
+        masks = (masks.pin_memory() if pin else masks).to(device, non_blocking=pin)
+    per_sample, per_flags, start = [], [], 0
+    for groups in groundings:
+        per_sample.append(list(masks[start:start + len(groups)]))
+        per_flags.append(flags[start:start + len(groups)])
+        start += len(groups)
+    return per_sample, per_flags
+
+
+def _groups(maps: Tensor, groundings: Sequence[Sequence[Grounding]], cache: MaskCache | None = None):
+    """Per sample, its float32 map ``[h, w, T]``, a list of (token maps ``[h, w, K]``, mask ``[h, w]``) and a list of
+    whether each mask is non-empty (bools, read on the host once per call: see :func:`_resized`).
+
+    A group may also be given as a plain ``(positions, mask)`` pair. ``cache``: a dict shared by calls on maps of
+    the same batch (e.g. one per layer) so that each size's masks are resized and read once per batch.
     """
     if maps.ndim != 4 or len(groundings) != maps.shape[0]:
         raise ValueError(f"maps must be [B, h, w, T] with one grounding list per sample; got "
                          f"{tuple(maps.shape)} and {len(groundings)} lists")
     h, w = maps.shape[1:3]
-    for a, groups in zip(maps.float(), groundings):
+    key = (h, w, maps.device)
+    if cache is not None and key in cache:
+        masks, flags = cache[key]
+    else:
+        masks, flags = _resized(groundings, (h, w), maps.device)
+        if cache is not None:
+            cache[key] = (masks, flags)
+    for a, groups, sample_masks, sample_flags in zip(maps.float(), groundings, masks, flags):
         out = []
-        for g in groups:
-            positions, mask = (g.positions, g.mask) if isinstance(g, Grounding) else g
-            if len(positions) == 0:
-                raise ValueError("a grounding needs at least one token position")
-            out.append((a[..., list(positions)], resize_mask(mask, (h, w)).to(a.device)))
-        yield a, out
+        for g, m in zip(groups, sample_masks):
+            positions = g.positions if isinstance(g, Grounding) else g[0]
+            out.append((a[..., list(positions)], m))
+        yield a, out, sample_flags
 
 
 def _zero(a: Tensor) -> Tensor:
@@ -86,7 +123,7 @@ def comat_concentration(maps: Tensor, groundings: Sequence[Sequence[Grounding]],
         eps: clamp inside the logs and of the per-token totals.
     """
     pos, neg = [], []
-    for a, groups in _groups(maps, groundings):
+    for a, groups, _ in _groups(maps, groundings):
         if not groups:
             pos.append(_zero(a))
             neg.append(_zero(a))
@@ -105,14 +142,14 @@ def comat_concentration(maps: Tensor, groundings: Sequence[Sequence[Grounding]],
     return torch.stack(pos), torch.stack(neg)
 
 
-def _kept(groups: list[tuple[Tensor, Tensor]], empty: Empty) -> list[tuple[Tensor, Tensor]]:
+def _kept(groups: list[tuple[Tensor, Tensor]], nonempty: list[bool], empty: Empty) -> list[tuple[Tensor, Tensor]]:
     if empty not in ("skip", "keep"):
         raise ValueError(f"empty must be 'skip' or 'keep', got {empty!r}")
-    return [(tok, m) for tok, m in groups if empty == "keep" or m.any()]
+    return [(tok, m) for (tok, m), full in zip(groups, nonempty) if empty == "keep" or full]
 
 
 def token_loss(maps: Tensor, groundings: Sequence[Sequence[Grounding]], empty: Empty = "skip",
-               eps: float = 1e-6) -> Tensor:
+               eps: float = 1e-6, mask_cache: MaskCache | None = None) -> Tensor:
     """TokenCompose L_token (paper Eq. 5): per sample, mean over nouns of ``(1 - sum_{u in M} A / sum_u A)^2``.
 
     ``A`` is the sum of the noun's token maps. Returns ``Tensor[B]``.
@@ -123,10 +160,11 @@ def token_loss(maps: Tensor, groundings: Sequence[Sequence[Grounding]], empty: E
         empty: ``"skip"`` drops nouns whose resized mask is empty (TokenCompose); ``"keep"`` keeps them with
             an all-zero target (CoMat's public code).
         eps: clamp of the total activation.
+        mask_cache: a dict shared by the calls on one batch's maps (see :func:`_groups`).
     """
     out = []
-    for a, groups in _groups(maps, groundings):
-        groups = _kept(groups, empty)
+    for a, groups, nonempty in _groups(maps, groundings, mask_cache):
+        groups = _kept(groups, nonempty, empty)
         if not groups:
             out.append(_zero(a))
             continue
@@ -139,7 +177,7 @@ def token_loss(maps: Tensor, groundings: Sequence[Sequence[Grounding]], empty: E
 
 
 def pixel_loss(maps: Tensor, groundings: Sequence[Sequence[Grounding]], empty: Empty = "skip",
-               eps: float = 1e-6) -> Tensor:
+               eps: float = 1e-6, mask_cache: MaskCache | None = None) -> Tensor:
     """TokenCompose L_pixel (paper Eq. 6): per sample, mean over nouns of the pixel-mean binary cross-entropy
     between the noun's summed token map (clamped to ``[eps, 1 - eps]``) and its mask. Returns ``Tensor[B]``.
 
@@ -148,10 +186,11 @@ def pixel_loss(maps: Tensor, groundings: Sequence[Sequence[Grounding]], empty: E
         groundings: per sample, one :class:`Grounding` per noun.
         empty: ``"skip"`` or ``"keep"`` nouns whose resized mask is empty (see :func:`token_loss`).
         eps: clamp of the probabilities.
+        mask_cache: a dict shared by the calls on one batch's maps (see :func:`_groups`).
     """
     out = []
-    for a, groups in _groups(maps, groundings):
-        groups = _kept(groups, empty)
+    for a, groups, nonempty in _groups(maps, groundings, mask_cache):
+        groups = _kept(groups, nonempty, empty)
         if not groups:
             out.append(_zero(a))
             continue

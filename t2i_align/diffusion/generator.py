@@ -34,7 +34,7 @@ from t2i_align.diffusion.attention import (
 from t2i_align.diffusion.loading import load_sd_components
 from t2i_align.diffusion.lora import PlainLayers
 from t2i_align.diffusion.policies import GradientPolicy, NoGrad
-from t2i_align.diffusion.sampling import SamplingSettings
+from t2i_align.diffusion.sampling import SamplingSettings, step_noise
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: No-grad UNet calls of at least this many rows on a CPU running 2 intra-op threads run as two halves on two
@@ -417,8 +417,10 @@ class Generator(nn.Module):
         return run(latents, timesteps, embeddings)
 
     def predict_x0(self, scheduler, latents: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-        """One-step clean-latent prediction from x_t for epsilon- and v-prediction models."""
-        alpha = scheduler.alphas_cumprod.to(latents.device)[t].float()
+        """One-step clean-latent prediction from x_t for epsilon- and v-prediction models (``t`` a Python int: the
+        coefficient is read on the host, a 0-d CPU tensor the device kernels take as a scalar: no copy, no sync)."""
+        table = scheduler.alphas_cumprod if isinstance(t, int) else scheduler.alphas_cumprod.to(latents.device)
+        alpha = table[t].float()
         sigma = (1 - alpha).sqrt()
         if self.prediction_type == "epsilon":
             return (latents - sigma * model_output) / alpha.sqrt()
@@ -532,6 +534,14 @@ class Generator(nn.Module):
         shape = (len(prompts), self.unet.config.in_channels, latent_side, latent_side)
         gens = seeded_generators(seeds)
         latents = randn_tensor(shape, generator=gens, device=self.device, dtype=torch.float32) * sched.init_noise_sigma
+        # Every scheduler step's noise is drawn here, from the same generators in the same order as the steps would
+        # draw it (the same numbers), and reaches the device in one copy instead of one blocking copy a step.
+        # sched.host_timesteps: the timesteps as ints, so the scheduler's arithmetic never reads a device tensor.
+        host_t = sched.host_timesteps
+        last = num_inference_steps if plan.stop_at is None else plan.stop_at  # steps start_step..last-1 call step()
+        noisy = [i for i in range(start_step, last) if sched.draws_noise(host_t[i], sampling.eta)]
+        noise = step_noise(gens, shape, len(noisy), self.device) if noisy else None
+        noise_row = {i: row for row, i in enumerate(noisy)}
         if init_latents is not None:
             if tuple(init_latents.shape) != shape:
                 raise ValueError(f"init_latents have shape {tuple(init_latents.shape)}; this sampling needs {shape}")
@@ -570,7 +580,7 @@ class Generator(nn.Module):
                 grad_step = grad_allowed and i in plan.grad_steps
                 x = latents.detach() if (grad_step and plan.detach_input) else latents
                 x_in = sched.scale_model_input(torch.cat([x, x]) if cfg else x, t)
-                at_step = (store.at_step(i, int(t), cfg, (latent_side, latent_side), i in record_steps) if store is not None
+                at_step = (store.at_step(i, host_t[i], cfg, (latent_side, latent_side), i in record_steps) if store is not None
                            else contextlib.nullcontext())
                 merged = plain.applied() if plain is not None and not grad_step else contextlib.nullcontext()
                 if kv is not None:
@@ -584,12 +594,13 @@ class Generator(nn.Module):
                     uncond, text = out.chunk(2)
                     out = uncond + guidance_scale * (text - uncond)
                 if plan.stop_at == i:
-                    latents = self.predict_x0(sched, latents, out, t)
+                    latents = self.predict_x0(sched, latents, out, host_t[i])
                     break
                 in_graph = in_graph or grad_step
                 with torch.set_grad_enabled(in_graph):
                     step_kwargs = {"eta": sampling.eta} if sampling.scheduler == "ddim" else {}
-                    latents = sched.step(out, t, latents, generator=gens, **step_kwargs).prev_sample
+                    step_noise_i = noise[noise_row[i]] if i in noise_row else None
+                    latents = sched.step(out, host_t[i], latents, variance_noise=step_noise_i, **step_kwargs).prev_sample
                 if step_hook is not None:
                     replaced = step_hook(i, t, latents)
                     latents = latents if replaced is None else replaced

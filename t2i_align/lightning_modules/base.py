@@ -34,6 +34,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torchmetrics import MeanMetric
 
 from t2i_align.common import ConfigError, derive_seed
@@ -78,8 +79,10 @@ class FrozenExperts:
         return self._experts.items()
 
     def to(self, device: torch.device) -> FrozenExperts:
+        """Move every expert to ``device``: ``nn.Module``s and any expert with its own ``to(device)`` (one that
+        loads its models lazily, or holds several): experts follow the module, on every rank."""
         for expert in self._experts.values():
-            if isinstance(expert, torch.nn.Module):
+            if callable(getattr(expert, "to", None)):
                 expert.to(device)
         return self
 
@@ -122,6 +125,7 @@ class AlignmentModule(L.LightningModule):
         self.nonfinite_run = 0
         self.val_loss = MeanMetric()
         self.experts = FrozenExperts()  # a method sets its own: self.experts = FrozenExperts(reward=...)
+        self._trainable_keys: frozenset[str] | None = None  # fixed once: trainable_keys()
         # Checkpoints hold trainable state only; the frozen base is reloaded from `generator.pretrained`.
         self.strict_loading = False
 
@@ -173,13 +177,23 @@ class AlignmentModule(L.LightningModule):
         runs, batch sizes and world sizes); prompt-only sets are for the evaluation callbacks."""
         if "pixel_values" not in batch:
             return
-        for pixels, caption, sample_id in zip(batch["pixel_values"], batch["captions"], batch["ids"]):
+        # Every rank gets pair batches (the validation split pads a short rank with repeats), so every rank or
+        # none joins the sync in on_validation_epoch_end; a repeat (batch["padding"]) is not counted.
+        self._val_pairs_seen = True
+        padding = batch.get("padding")
+        repeats = [False] * len(batch["ids"]) if padding is None else padding.tolist()
+        for pixels, caption, sample_id, repeat in zip(batch["pixel_values"], batch["captions"], batch["ids"], repeats,
+                                                      strict=True):
+            if repeat:
+                continue
             rng = torch.Generator("cpu").manual_seed(derive_seed(self.seed, "val", sample_id))
             self.val_loss.update(self.generator.denoising_loss(pixels[None], [caption], rng))
 
     def on_validation_epoch_end(self) -> None:
-        # compute() on every rank (it all-gathers); a rank with no validation samples still joins.
-        if self.val_loss.update_count == 0 and not self.trainer.world_size > 1:
+        # compute() all-gathers: every rank takes part when validation had pairs (each rank then saw pair batches,
+        # also one whose pairs were all repeats and counted nothing), none when it had prompts only.
+        seen, self._val_pairs_seen = getattr(self, "_val_pairs_seen", False), False
+        if not seen and self.val_loss.update_count == 0:
             return  # nothing to report (prompt-only validation)
         value = self.val_loss.compute()
         self.val_loss.reset()
@@ -241,11 +255,18 @@ class AlignmentModule(L.LightningModule):
 
         ``sync``: the only parameters ``loss`` reaches, kept out of DDP (a second network, see :func:`ddp_ignore`):
         the backward runs under DDP's ``no_sync`` (it has nothing for DDP to reduce, and DDP would otherwise wait
-        for its own parameters) and their gradients are averaged over the ranks here, before clipping.
+        for its own parameters) and their gradients are averaged over the ranks here, before clipping, in one
+        ``all_reduce`` (:func:`average_gradients`).
 
         ``count_step=False`` steps a secondary optimizer (a discriminator's) through the strategy and the
         precision plugin as usual but without advancing ``global_step``: steps then count the generator's
-        updates, one per batch."""
+        updates, one per batch.
+
+        ``precision: 16-mixed`` (a loss scaler): the gradients here are the scaled ones (Lightning's plugin unscales
+        them inside the step), so the clipping threshold is scaled with them, ``clip_norm * scale``: the same clip as
+        ``clip_norm`` on the unscaled gradients. A skipped loss then advances the step counters without calling the
+        plugin (``GradScaler.step`` asserts on an optimizer without gradients)."""
+        scaler = loss_scaler(self.trainer)
         loss = self.guard_nonfinite(loss)
         if loss is not None:
             model = self.trainer.strategy.model
@@ -253,14 +274,18 @@ class AlignmentModule(L.LightningModule):
             with model.no_sync() if outside_ddp else contextlib.nullcontext():
                 self.manual_backward(loss)
             if outside_ddp:
-                world = torch.distributed.get_world_size()
-                for param in sync:
-                    if param.grad is not None:
-                        torch.distributed.all_reduce(param.grad)
-                        param.grad /= world
+                average_gradients([param.grad for param in sync if param.grad is not None])
             if clip_norm is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=clip_norm, gradient_clip_algorithm="norm")
-        if count_step:
+                # Clipping the scaled gradients g*s at clip_norm*s clips g at clip_norm (the norm is homogeneous);
+                # unscaling here instead (scaler.unscale_) would make the plugin's own unscale_ in the step raise.
+                # The scale is the one of this backward: it changes only in scaler.update(), after a step.
+                scale = float(scaler.get_scale()) if scaler is not None else 1.0
+                self.clip_gradients(optimizer, gradient_clip_val=clip_norm * scale, gradient_clip_algorithm="norm")
+        if loss is None and scaler is not None:
+            if count_step:  # what LightningOptimizer.step does around the step: the counters behind global_step
+                optimizer._on_before_step()
+                optimizer._on_after_step()
+        elif count_step:
             optimizer.step()
         else:  # LightningOptimizer.step is this plus the progress counters behind global_step
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
@@ -276,14 +301,35 @@ class AlignmentModule(L.LightningModule):
             datamodule.advance()  # the sampler position counts the samples trained on
 
     # ------------------------------------------------------------------------------ checkpoints
+    def setup(self, stage: str) -> None:
+        """Fixes :meth:`trainable_keys` before anything toggles ``requires_grad`` (an override calls
+        ``super().setup(stage)``)."""
+        self.trainable_keys()
+
     def trainable_keys(self) -> set[str]:
-        """Names of every trained parameter (generator and any other trained network): what checkpoints hold."""
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+        """Names of every trained parameter (generator and any other trained network): what checkpoints hold.
+
+        Fixed once, at the first call (``setup``, before the first step): the live ``requires_grad`` flags are not a
+        definition during a step. Manual optimisation switches them off for the other optimizers' parameters
+        (``toggled_optimizer``) and peft's ``disable_adapters`` for the LoRA weights, and a checkpoint can be written
+        inside such a window (Lightning's SLURM ``SIGUSR1`` handler saves at once): it then lacked a network and
+        could not be resumed. Parameters held by the trainer's optimizers count as trained too, in case the first
+        call falls inside such a window (an override of ``setup`` that does not call ``super().setup``)."""
+        if self._trainable_keys is None:
+            held: set[int] = set()
+            trainer = self._trainer
+            for optimizer in (trainer.optimizers if trainer is not None else []):
+                held.update(id(p) for group in optimizer.param_groups for p in group["params"])
+            self._trainable_keys = frozenset(name for name, p in self.named_parameters()
+                                             if p.requires_grad or id(p) in held)
+        return set(self._trainable_keys)
 
     def generator_trainable(self) -> dict[str, torch.nn.Parameter]:
         """The generator's trained parameters by name (LoRA or the UNet): what ``TrainableEMA`` averages and
-        ``ExportWeights`` writes, also when a method trains other networks (a discriminator)."""
-        return {f"generator.{name}": p for name, p in self.generator.named_parameters() if p.requires_grad}
+        ``ExportWeights`` writes, also when a method trains other networks (a discriminator). The generator's
+        share of :meth:`trainable_keys` (fixed, whatever the live flags say)."""
+        keys = self.trainable_keys()
+        return {f"generator.{name}": p for name, p in self.generator.named_parameters() if f"generator.{name}" in keys}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keys = self.trainable_keys()
@@ -343,6 +389,34 @@ def ddp_ignore(module: L.LightningModule, prefix: str) -> None:
     names = [n for n, _ in module.named_parameters() if n.startswith(prefix)]
     names += [n for n, _ in module.named_buffers() if n.startswith(prefix)]
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+
+
+def loss_scaler(trainer: L.Trainer):
+    """The precision plugin's enabled loss scaler (``precision: 16-mixed``: a ``GradScaler``), or None."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or (callable(getattr(scaler, "is_enabled", None)) and not scaler.is_enabled()):
+        return None
+    return scaler
+
+
+def average_gradients(grads: Sequence[torch.Tensor]) -> None:
+    """Average ``grads`` over the ranks in place, one ``all_reduce`` per (device, dtype) (one in practice): the
+    tensors are flattened into one bucket, reduced and copied back, instead of one call per tensor (a
+    discriminator's ~258 LoRA tensors, each a collective's latency at 128 ranks). The same bucketing as DDP's
+    reducer and ``torch.distributed``'s ``_flatten_dense_tensors`` helpers (torch/_utils.py). Every rank passes
+    the same tensors in the same order (the same network's gradients)."""
+    if not grads:
+        return
+    world = torch.distributed.get_world_size()
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for grad in grads:
+        groups.setdefault((grad.device, grad.dtype), []).append(grad)
+    for group in groups.values():
+        bucket = _flatten_dense_tensors(group)
+        torch.distributed.all_reduce(bucket)
+        bucket /= world
+        for grad, averaged in zip(group, _unflatten_dense_tensors(bucket, group)):
+            grad.copy_(averaged)
 
 
 def broadcast_parameters(params: Sequence[torch.nn.Parameter], src: int = 0) -> None:

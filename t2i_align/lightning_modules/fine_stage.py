@@ -52,7 +52,16 @@ from t2i_align.experts.segmenter import Segmenter
 from t2i_align.experts.tagger import Tagger
 from t2i_align.lightning_modules.base import AlignmentModule, FrozenExperts
 
-__all__ = ["FineStage", "LocalObject", "Modulation", "SCORES", "cross_modulation", "modulate", "self_modulation"]
+__all__ = [
+    "SCORES",
+    "FineStage",
+    "LocalObject",
+    "Modulation",
+    "cross_modulation",
+    "modulate",
+    "modulate_",
+    "self_modulation",
+]
 
 SCORES = {"certain": 2.0, "may": 0.5, "unlikely": 0.0}  # Eq. 6
 ALL_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
@@ -91,6 +100,17 @@ def modulate(scores: torch.Tensor, m: Modulation, lam: float) -> torch.Tensor:
     return scores + lam * m.weight.to(scores.dtype) * gap
 
 
+def modulate_(scores: torch.Tensor, m: Modulation, lam: float) -> torch.Tensor:
+    """:func:`modulate` in place on ``scores`` (returned), the same numbers bit for bit with one temporary of the
+    scores' size instead of four: ``where(R, hi, lo) - s`` is ``where(R, hi - s, lo - s)`` entry by entry, and
+    ``gap * (lam * W)`` is ``(lam * W) * gap`` (a product of two numbers commutes). Not for scores that need a
+    gradient (amax/amin keep their input for the backward)."""
+    hi, lo = scores.amax(-1, keepdim=True), scores.amin(-1, keepdim=True)
+    gap = torch.where(m.positive, hi, lo)
+    gap.sub_(scores).mul_(lam * m.weight.to(scores.dtype))
+    return scores.add_(gap)
+
+
 def _region(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """The image-resolution mask at an attention size, flattened: cells at least half covered."""
     return (F.interpolate(mask[None, None].float(), size=hw, mode="area")[0, 0] >= 0.5).flatten()
@@ -105,7 +125,7 @@ def _regions(objects: Sequence[LocalObject], hw: tuple[int, int]):
     s, w, regions = torch.ones(n), torch.ones(n), []
     for o in objects:
         region = _region(o.mask, hw)
-        if region.any():
+        if region.any():  # o.mask is on the host (local_objects): a branch on a CPU tensor, no device sync
             s[region], w[region] = o.score, 1.0 - region.float().mean()
             regions.append((o, region))
     return regions, (s * w)[:, None] if regions else torch.zeros(n, 1)
@@ -199,8 +219,13 @@ class FineStage(AlignmentModule):
             text = prompt
             if self.text_condition == "append":
                 text = ", ".join([prompt, *dict.fromkeys(d for d in descriptions if d)])
-            objects = [LocalObject(t, label, d, m.cpu(), self._positions(text, d))
-                       for t, label, d, m in zip(image_tags, labels, descriptions, image_masks)]
+            # the image's masks to the host in one copy (a blocking copy, a sync on a GPU, per image, not per tag)
+            if torch.is_tensor(image_masks):  # the Segmenter contract: len(tags) x H x W
+                host_masks = list(image_masks.cpu())
+            else:
+                host_masks = list(torch.stack(list(image_masks)).cpu()) if len(image_masks) else []
+            objects = [LocalObject(t, label, d, m, self._positions(text, d))
+                       for t, label, d, m in zip(image_tags, labels, descriptions, host_masks)]
             texts.append(text)
             out.append(objects)
         return texts, out
@@ -242,6 +267,14 @@ class FineStage(AlignmentModule):
             cond = per_sample.chunk(2)[1] if ctx.cfg else per_sample  # the conditional branch (DenseDiffusion)
             strength = self.cross_strength if kind == "cross" else self.self_strength
             lam = strength * (ctx.timestep / total) ** self.power
+            if not (scores.requires_grad and torch.is_grad_enabled()):
+                # In place, one sample at a time: the extra memory is one sample's heads x N x K (one temporary)
+                # instead of the conditional half stacked and the whole batch concatenated: at SD1.5's 64 x 64
+                # self-attention, batch 8 with CFG, fp32, 0.5 GiB instead of 12 GiB above the scores
+                # (experiments/benchmarks/fine_stage_memory.py). The same numbers bit for bit.
+                for c, m in zip(cond, cache[key]):
+                    modulate_(c, m, lam)
+                return scores
             edited = torch.stack([modulate(c, m, lam) for c, m in zip(cond, cache[key])])
             if ctx.cfg:
                 edited = torch.cat([per_sample.chunk(2)[0], edited])

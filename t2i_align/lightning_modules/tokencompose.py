@@ -58,11 +58,12 @@ def grounding_losses(store: AttentionStore, groundings: Sequence[Sequence[al.Gro
         raise ValueError(f"no recorded cross-attention at resolutions {list(resolutions or [])}; recorded: "
                          f"{sorted(store.by_resolution())}")
     token, pixel = 0.0, 0.0
+    masks: dict = {}  # each resolution's masks resized, and their emptiness read on the host, once per batch
     for maps in groups.values():
         # TokenCompose's get_grounding_loss_by_layer: a token loss per layer, the BCE on the layers' mean map
         for layer_maps in maps:
-            token = token + al.token_loss(layer_maps, groundings, empty="skip")
-        pixel = pixel + al.pixel_loss(torch.stack(maps).mean(0), groundings, empty="skip")
+            token = token + al.token_loss(layer_maps, groundings, empty="skip", mask_cache=masks)
+        pixel = pixel + al.pixel_loss(torch.stack(maps).mean(0), groundings, empty="skip", mask_cache=masks)
     return token, pixel
 
 

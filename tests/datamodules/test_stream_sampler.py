@@ -9,7 +9,7 @@ import torch
 from lightning.fabric.utilities.data import sized_len
 from torch.utils.data import DataLoader, DistributedSampler
 
-from t2i_align.datamodules import ShardSampler, StreamSampler
+from t2i_align.datamodules import PaddingIndex, ShardSampler, StreamSampler
 
 
 def reference_stream(n: int, seed: int, length: int, shuffle: bool = True, weights=None) -> list[int]:
@@ -158,10 +158,12 @@ def test_invalid_arguments() -> None:
 def test_shard_sampler_covers_every_index_once(n: int, world: int) -> None:
     shards = [ShardSampler(n, world, r) for r in range(world)]
     parts = [list(s) for s in shards]
-    assert sorted(itertools.chain.from_iterable(parts)) == list(range(n))
+    real = [[i for i in p if not isinstance(i, PaddingIndex)] for p in parts]
+    assert sorted(itertools.chain.from_iterable(real)) == list(range(n))  # each index once as a real item
     assert [len(s) for s in shards] == [len(p) for p in parts]
-    assert parts[0] == list(range(0, n, world))
-    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert real[0] == list(range(0, n, world))
+    assert len({len(p) for p in parts}) == 1  # as many on every rank (repeats included) ...
+    assert all(len(p) >= 1 for p in parts) if n else all(not p for p in parts)  # ... at least one when n >= 1
+    assert sum(map(len, parts)) - n < world  # no more repeats than needed
+    assert [[isinstance(i, PaddingIndex) for i in p] for p in parts] == [s.padding for s in shards]
     assert all(isinstance(s, DistributedSampler) for s in shards)
-    if n < world:
-        assert [len(p) for p in parts].count(0) == world - n

@@ -147,11 +147,14 @@ def test_val_loaders(prompt_files, make_pair_jsonl) -> None:
     assert dm.val_loader_names == ["prompts", "pairs"] and isinstance(loaders, list)
     assert all(isinstance(dl.sampler, ShardSampler) for dl in loaders)
     prompt_batches = list(loaders[0])
-    assert [len(b["prompts"]) for b in prompt_batches] == [4, 4, 2]  # val_limit=10 of 28, no padding
+    assert [len(b["prompts"]) for b in prompt_batches] == [4, 4, 2]  # val_limit=10 of 28, no padding in 1 process
+    assert all(not b["padding"].any() for b in prompt_batches)
     assert ids(prompt_batches) == [str(i) for i in range(5)] + [str(i) for i in range(5)]
     assert [b["pixel_values"].shape[0] for b in loaders[1]] == [3]
     dm.world_size, dm.rank = 3, 2
-    assert [len(b["prompts"]) for b in dm.val_dataloader()[0]] == [3]  # indices 2, 5, 8
+    batches = list(dm.val_dataloader()[0])
+    assert [len(b["prompts"]) for b in batches] == [4]  # indices 2, 5, 8 and a repeat of 1 (10 items, 4 per rank)
+    assert batches[0]["padding"].tolist() == [False, False, False, True]
     only_pairs = T2IDataModule(val_pairs=PairSource(str(pairs)), resolution=8)
     assert isinstance(only_pairs.val_dataloader(), DataLoader)
 

@@ -173,7 +173,9 @@ def test_one_step_updates_g_and_d_and_d_learns_from_detached_fakes(tiny_sd, capt
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 1  # the discriminator's update is not counted
     assert seen == [{"count_step": True, "reaches_generator": True}, {"count_step": False, "reaches_generator": False}]
-    assert fed == [True, False, False]  # G's adversarial term through D; then D on real and on detached fakes
+    # G's adversarial term through D (run again in each backward through it: activation checkpointing; the spy's
+    # autograd.grad is one), then D on real and on detached fakes
+    assert fed == [True, True, True, False, False]
     assert trainable_digest(module.generator) != digests["g"]
     assert trainable_digest(module.discriminator) != digests["d"]
     logged = set(trainer.callback_metrics)
@@ -214,3 +216,68 @@ def test_configs_state_detach_input(config):
 
     text = (Path(REPO_ROOT) / "configs" / config).read_text()
     assert yaml.safe_load(text)["model"]["init_args"]["detach_input"] is False  # the public SD1.5 code's choice
+
+
+@pytest.mark.parametrize("pair_resolution, sampling_resolution", [(64, None), (32, 64)],
+                         ids=["pairs larger than the model's resolution", "pairs smaller (SD2.1: 512 data, 768 model)"])
+def test_mixed_latents_resize_real_images_to_the_sampling_resolution(tiny_sd, captioner, tiny_pairs, pair_resolution,
+                                                                     sampling_resolution):
+    from t2i_align.datamodules.pairs import PairDataset, PairSource, collate_pairs
+
+    module = make(tiny_sd, captioner, steps=4, mix_ratio=0.5, mix_t1=450, mix_t2=450)
+    module.sampling = module.sampling.replace(resolution=sampling_resolution)
+    resolution = sampling_resolution or module.generator.default_resolution
+    assert pair_resolution != resolution  # the tiny model samples at 32 px by default
+    pairs = collate_pairs([PairDataset.from_source(PairSource(tiny_pairs), pair_resolution, 0)[i] for i in range(2)])
+    encoded, original = [], module.generator.encode_images
+
+    def encode(pixels, rng=None):
+        encoded.append(pixels)
+        return original(pixels, rng)
+
+    module.generator.encode_images = encode
+    images, captions, _ = module.mixed_latents(pairs, torch.Generator().manual_seed(0))  # was a shape error
+    assert images.shape == (1, 3, resolution, resolution) and len(captions) == 1
+    [pixels] = encoded
+    assert pixels.shape == (1, 3, resolution, resolution) and 0 <= pixels.min() and pixels.max() <= 1
+    resized = torch.nn.functional.interpolate(pairs["pixel_values"][:1], size=(resolution, resolution), mode="bicubic",
+                                              antialias=True)
+    torch.testing.assert_close(pixels, resized.clamp(0, 1))
+
+
+def saved_bytes(fn):
+    """``fn()`` and the bytes of the tensors its autograd graph keeps for the backward (distinct storages)."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def test_activation_checkpointing_keeps_the_gradients_and_saves_memory(tiny_sd, captioner, tiny_pairs):
+    # the VAE decode of the grad path (generated and mixed latents) and the discriminator in the generator's loss
+    from t2i_align.datamodules.pairs import PairDataset, PairSource, collate_pairs
+
+    pairs = collate_pairs([PairDataset.from_source(PairSource(tiny_pairs), 32, 0)[i] for i in range(2)])
+    grads, graph = {}, {}
+    for on in (False, True):
+        module = make(tiny_sd, captioner, adversarial_weight=1.0, discriminator_lora=LoraSettings(rank=2), mix_ratio=0.5,
+                      activation_checkpointing=on)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # LoRA that changes the output, in the generator and the discriminator (B = 0 at init)
+            for name, p in sorted(module.named_parameters()):
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        params = [p for name, p in module.named_parameters() if name in module.generator_trainable()]
+        (loss, logs, _), graph[on] = saved_bytes(lambda m=module: m.generator_loss(
+            {"pairs": pairs}, PROMPTS, SEEDS, torch.Generator().manual_seed(0)))
+        assert {"train/i2t_loss", "train/adv_loss", "train/mix_start_step"} <= set(logs)
+        grads[on] = torch.autograd.grad(loss, params)
+    assert any(g.abs().max() > 0 for g in grads[True])
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    assert graph[True] < 0.8 * graph[False]

@@ -40,14 +40,18 @@ Cache of real latents: :mod:`t2i_align.lightning_modules.comat.real_latents` (th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from t2i_align.common import derive_seed
 from t2i_align.diffusion import attention_losses as al
@@ -117,6 +121,11 @@ class CoMat(AlignmentModule):
             None computes them on the fly with the generator's adapters disabled. Training refuses a cache whose
             recipe (generator, sampler settings, latent shape, seed) differs from its own, or that lacks a
             training prompt. With it the generator may be fully fine-tuned (no LoRA) with fidelity preservation.
+        activation_checkpointing: recompute the VAE decode of the grad path and the discriminator's forward in the
+            generator's loss during the backward instead of keeping their activations (non-reentrant
+            ``torch.utils.checkpoint``): the same gradients for one more decode and discriminator forward; the
+            decoder's full-resolution activations dominate the graph otherwise (experiments/benchmarks/comat_memory.py).
+            The UNet's grad steps have their own switch (``generator.gradient_checkpointing``).
     """
 
     def __init__(
@@ -143,6 +152,7 @@ class CoMat(AlignmentModule):
         concentration_layers: list[str] | None = None,
         spacy_model: str = "en_core_web_sm",
         real_latents: str | None = None,
+        activation_checkpointing: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -168,6 +178,8 @@ class CoMat(AlignmentModule):
         self._nlp, self._entities = None, {}
         self.real_latents_dir = None if real_latents is None else Path(real_latents)
         self._cache_checked = False
+        self.activation_checkpointing = activation_checkpointing
+        self._resize_noted = False
         self.discriminator: LatentDiscriminator | None = None
         if adversarial_weight > 0:
             if self.generator.config.lora is None and real_latents is None:
@@ -192,13 +204,14 @@ class CoMat(AlignmentModule):
 
     # ------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.discriminator is not None:
             ddp_ignore(self, "discriminator.")
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.discriminator is not None:
-            broadcast_parameters([p for p in self.discriminator.parameters() if p.requires_grad])
+            broadcast_parameters(self.discriminator_parameters())
             if self.real_latents_dir is not None:
                 self.check_real_latents_cache()  # before the first step, not at its end
 
@@ -212,8 +225,10 @@ class CoMat(AlignmentModule):
         return optimizers, [{"scheduler": self.lr_scheduler_factory(generator_opt), "interval": "step"}]
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
+        """The discriminator's trained parameters (its share of :meth:`trainable_keys`, whatever the live flags)."""
         assert self.discriminator is not None
-        return [p for p in self.discriminator.parameters() if p.requires_grad]
+        keys = self.trainable_keys()
+        return [p for name, p in self.named_parameters() if name.startswith("discriminator.") and name in keys]
 
     # ------------------------------------------------------------------------------ parts
     def entities(self, prompt: str):
@@ -245,8 +260,19 @@ class CoMat(AlignmentModule):
         record_attention = record if "segmenter" in dict(self.experts.items()) else False
         if record_attention and self.generator.attention_store is None:
             self.generator.enable_attention_capture(self.concentration_layers)
-        return self.generator.sample(prompts, seeds, self.sampling, policy=Fixed(plan), record_attention=record_attention,
-                                     step_hook=step_hook)
+        decode_here = torch.is_grad_enabled()  # decoded here (self.decode): checkpointed if set
+        out = self.generator.sample(prompts, seeds, self.sampling, policy=Fixed(plan), record_attention=record_attention,
+                                    step_hook=step_hook, decode=not decode_here)
+        return dataclasses.replace(out, images=self.decode(out.latents)) if decode_here else out
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images of final latents (:meth:`Generator.decode_latents`, differentiable): with ``activation_checkpointing``
+        and a gradient to carry, the decoder's activations are not kept but recomputed in the backward. At SD1.5's
+        512 px they are the largest part of the generator's graph (128-512 channels at up to full resolution,
+        experiments/benchmarks/comat_memory.py)."""
+        if self.activation_checkpointing and torch.is_grad_enabled() and latents.requires_grad:
+            return checkpoint(self.generator.decode_latents, latents, use_reentrant=False)
+        return self.generator.decode_latents(latents)
 
     def real_latents(self, prompts: list[str], seeds: list[int], ids: Sequence[str] | None = None) -> torch.Tensor:
         """Final latents of the frozen base model for the same prompts and noise: read from the cache
@@ -338,8 +364,20 @@ class CoMat(AlignmentModule):
         """Real pairs noised to tau ~ U[mix_t1, mix_t2] and denoised by the online model from there: (images,
         captions, start step). The grad steps keep the stride with a random phase over the shorter chain."""
         n = max(1, round(self.mix_ratio * len(pairs["captions"])))
-        pixels, captions = pairs["pixel_values"][:n], list(pairs["captions"][:n])
-        latents = self.generator.encode_images(pixels.to(self.device), rng)
+        pixels, captions = pairs["pixel_values"][:n].to(self.device), list(pairs["captions"][:n])
+        resolution = self.sampling.resolution or self.generator.default_resolution
+        if tuple(pixels.shape[-2:]) != (resolution, resolution):
+            # The data's resolution (data.init_args.resolution, e.g. 512) differs from the sampling's (sampling.resolution,
+            # or the model's own: SD2.1's 768): the chain runs at the sampling resolution, so the real images are resized
+            # to it before encoding (bicubic, antialiased when shrinking; square, as the pairs are center-cropped).
+            # Setting data.init_args.resolution to the sampling resolution avoids the resize (and its upscaling blur).
+            if not self._resize_noted:
+                rank_zero_info(f"CoMat's mixed latents: resizing the real images from {tuple(pixels.shape[-2:])} (data.init_args."
+                               f"resolution) to the sampling resolution {resolution} (sampling.resolution)")
+                self._resize_noted = True
+            pixels = F.interpolate(pixels.float(), size=(resolution, resolution), mode="bicubic", align_corners=False,
+                                   antialias=True).clamp(0, 1)
+        latents = self.generator.encode_images(pixels, rng)
         tau = int(torch.randint(self.mix_t1, self.mix_t2 + 1, (1,), generator=rng))
         timesteps = self.generator.make_scheduler(self.sampling).timesteps
         start = int((timesteps > tau).sum())  # the first step at or below tau
@@ -347,9 +385,10 @@ class CoMat(AlignmentModule):
         k = max(1, min(self.policy.num_grad_steps, (remaining - 1) // self.policy.stride + 1))
         policy = Strided(k, self.policy.stride, self.policy.detach_input)
         seeds = torch.randint(0, 2**62, (n,), generator=rng).tolist()
+        decode_here = torch.is_grad_enabled()  # decoded here (self.decode): checkpointed if set
         out = self.generator.sample(captions, seeds, self.sampling, policy=policy, policy_rng=rng, init_latents=latents,
-                                    start_step=start, step_hook=step_hook)
-        return out.images, captions, start
+                                    start_step=start, step_hook=step_hook, decode=not decode_here)
+        return (self.decode(out.latents) if decode_here else out.images), captions, start
 
     def concentration_losses(self, out: SampleOutput, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_pos, L_neg) of Eq. 4-5 (or the code's token loss and BCE), averaged over the recorded steps and
@@ -372,10 +411,43 @@ class CoMat(AlignmentModule):
         return torch.stack(pos).mean(), torch.stack(neg).mean()
 
     def discriminate(self, latents: torch.Tensor) -> torch.Tensor:
-        """The discriminator's per-pixel logits for final latents (the empty prompt as condition)."""
+        """The discriminator's per-pixel logits for final latents (the empty prompt as condition). Where the
+        generator's loss backpropagates through it (``latents`` carry gradient) and ``activation_checkpointing`` is on,
+        its activations are recomputed in the backward instead of kept (the discriminator's own update, on detached
+        latents, keeps them)."""
         assert self.discriminator is not None
+        if self.activation_checkpointing and torch.is_grad_enabled() and latents.requires_grad:
+            return checkpoint(self._discriminate, latents, use_reentrant=False)
+        return self._discriminate(latents)
+
+    def _discriminate(self, latents: torch.Tensor) -> torch.Tensor:
         with self.generator.autocast():
             return self.discriminator(latents, self.generator.empty_embedding())
+
+    def generator_loss(self, batch: dict, prompts: list[str], seeds: list[int], rng: torch.Generator, step_hook=None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor], SampleOutput]:
+        """The generator's loss of a batch (Eq. 6: ``L_i2t + L_pos + L_neg + adversarial_weight * L_adv``), its parts
+        to log, and the online model's samples (their latents are the discriminator's fakes)."""
+        logs: dict[str, torch.Tensor] = {}
+        out = self.generate(prompts, seeds, rng, step_hook=step_hook)
+        images, texts = out.images, prompts
+        if self.mix_ratio > 0:
+            real_images, captions, start = self.mixed_latents(batch_pairs(batch, "CoMat's mixed latents (mix_ratio > 0)"), rng,
+                                                              step_hook=step_hook)
+            images, texts = torch.cat([images, real_images]), texts + captions
+            logs["train/mix_start_step"] = torch.tensor(float(start))
+        i2t = -self.captioner.log_likelihood(images, texts, rng).mean()
+        loss = i2t
+        logs["train/i2t_loss"] = i2t.detach()
+        if "segmenter" in dict(self.experts.items()):
+            l_pos, l_neg = self.concentration_losses(out, prompts)
+            loss = loss + l_pos + l_neg
+            logs.update({"train/pos_loss": l_pos.detach(), "train/neg_loss": l_neg.detach()})
+        if self.discriminator is not None:
+            adv = gan_losses(None, self.discriminate(out.latents), for_generator=True)
+            loss = loss + self.adversarial_weight * adv
+            logs["train/adv_loss"] = adv.detach()
+        return loss, logs, out
 
     # ------------------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -385,30 +457,12 @@ class CoMat(AlignmentModule):
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         g_opt = optimizers[0]
-        logs: dict[str, torch.Tensor] = {}
         # the frozen model's chain (the real latents) beside the online model's, where that pays (frozen_latents_lane)
         lane = self.frozen_latents_lane(prompts, seeds) if self.discriminator is not None and self.real_latents_dir is None else None
         hook = None if lane is None else lane.poll
 
         with self.toggled_optimizer(g_opt):
-            out = self.generate(prompts, seeds, rng, step_hook=hook)
-            images, texts = out.images, prompts
-            if self.mix_ratio > 0:
-                real_images, captions, start = self.mixed_latents(batch_pairs(batch, "CoMat's mixed latents (mix_ratio > 0)"), rng,
-                                                                  step_hook=hook)
-                images, texts = torch.cat([images, real_images]), texts + captions
-                logs["train/mix_start_step"] = torch.tensor(float(start))
-            i2t = -self.captioner.log_likelihood(images, texts, rng).mean()
-            loss = i2t
-            logs["train/i2t_loss"] = i2t.detach()
-            if "segmenter" in dict(self.experts.items()):
-                l_pos, l_neg = self.concentration_losses(out, prompts)
-                loss = loss + l_pos + l_neg
-                logs.update({"train/pos_loss": l_pos.detach(), "train/neg_loss": l_neg.detach()})
-            if self.discriminator is not None:
-                adv = gan_losses(None, self.discriminate(out.latents), for_generator=True)
-                loss = loss + self.adversarial_weight * adv
-                logs["train/adv_loss"] = adv.detach()
+            loss, logs, out = self.generator_loss(batch, prompts, seeds, rng, step_hook=hook)
             g_loss = self.manual_step(loss, g_opt, clip_norm=self.generator_clip_norm)
 
         if self.discriminator is not None and g_loss is not None:
