@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.experts.test_placement import no_spacy, tiny_blip  # noqa: F401  (fixtures)
+from tests.training.test_requeue_toggles import captioner  # noqa: F401  (a fixture)
 from tests.diffusion.test_lora_export import (
     LORA_WEIGHT_NAME, PROMPTS, SAMPLING, SEEDS, adapted_modules, lora_generator, plain_pipeline,
 )
@@ -84,3 +85,19 @@ def test_mixed_precision_updates_follow_fp32(tiny_sd, tiny_pairs, tmp_path, prec
     mixed, full = update(precision), update("32-true")
     assert mixed.abs().max() > 0
     assert torch.nn.functional.cosine_similarity(mixed, full, dim=0) > 0.9
+
+
+def test_requeue_checkpoint_inside_comat_toggles_resumes_on_cuda(tiny_sd, captioner, tmp_path, monkeypatch):
+    """tests/training/test_requeue_toggles.py's check on the GPU: a checkpoint saved inside CoMat's optimizer toggles
+    and inside disable_adapters holds both networks and resumes to equal weights."""
+    from tests.training import test_requeue_toggles as requeue
+
+    def gpu_trainer(tmp_path, max_steps: int, callbacks=()) -> L.Trainer:
+        return L.Trainer(max_steps=max_steps, accelerator=ACCELERATOR, devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+                         callbacks=list(callbacks))
+
+    monkeypatch.setattr(requeue, "trainer", gpu_trainer)
+    requeue.test_checkpoints_saved_inside_toggle_windows_hold_both_networks_and_resume(tiny_sd, captioner, tmp_path,
+                                                                                      monkeypatch)
