@@ -1,6 +1,6 @@
 """The prepared GPU check: what only a GPU can tell, in one command and one report.
 
-    python experiments/benchmarks/gpu_check.py --out runs/gpu_check          # one CUDA GPU: SD1.5 size, <= ~8 min
+    python experiments/benchmarks/gpu_check.py --out runs/gpu_check          # one CUDA GPU: SD1.5 size (planned: 8 min)
     python experiments/benchmarks/gpu_check.py --smoke --out /tmp/gpu_check  # CPU, tiny models (CI runs this)
 
 Random weights at SD1.5 size (the same cost as the real ones; nothing is downloaded). Each check runs in its own
