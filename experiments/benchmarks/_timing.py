@@ -24,3 +24,16 @@ def peak_flops(device: torch.device, dtype: torch.dtype, n: int) -> float:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def pipeline_folder(model_dir, scratch, sd15: bool):
+    """The random-weight pipeline a benchmark loads: ``model_dir`` when it already holds one (``model_index.json``;
+    the GPU check builds SD1.5 once for all its checks), else a new one written there or under ``scratch``."""
+    from pathlib import Path
+
+    from t2i_align.diffusion.tiny import save_random_sd15, save_tiny_pipeline
+
+    folder = Path(model_dir) if model_dir else Path(scratch) / "sd"
+    if (folder / "model_index.json").exists():
+        return folder
+    return save_random_sd15(folder) if sd15 else save_tiny_pipeline(folder)

@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import peak_flops, sync
+from _timing import peak_flops, pipeline_folder, sync
 
 TARGET_SEC_PER_ITERATION = 1.5
 TARGET_PEAK_GIB = 30.0
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--segmenter", choices=["none", "half"], default="none",
                    help="half: attribute concentration with a left-half-mask stand-in segmenter")
     p.add_argument("--out", type=Path, help="write the numbers as JSON")
+    p.add_argument("--model-dir", help="load the random pipeline from this folder (written there first if empty)")
     a = p.parse_args(argv)
 
     from t2i_align.datamodules import T2IDataModule
@@ -160,7 +161,6 @@ def main(argv: list[str] | None = None) -> dict:
     from t2i_align.datamodules.synthetic import write_shape_pairs
     from t2i_align.diffusion.generator import GeneratorConfig, LoraSettings
     from t2i_align.diffusion.sampling import SamplingSettings
-    from t2i_align.diffusion.tiny import save_random_sd15, save_tiny_pipeline
     from t2i_align.experts.captioner import BlipLikelihood
     from t2i_align.lightning_modules.comat import CoMat
 
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tic = time.perf_counter()
-        folder = save_random_sd15(tmp / "sd") if sd15 else save_tiny_pipeline(tmp / "sd")
+        folder = pipeline_folder(a.model_dir, tmp, sd15)
         captioner = BlipLikelihood(save_captioner(tmp / "captioner", a.size), prefix="a photography of ",
                                    dtype=dtype_name)
         config = GeneratorConfig(pretrained=str(folder), lora=LoraSettings(rank=lora_rank), weight_dtype=dtype_name,

@@ -1,6 +1,7 @@
 """The prepared GPU check: what only a GPU can tell, in one command and one report.
 
     python experiments/benchmarks/gpu_check.py --out runs/gpu_check          # one CUDA GPU: SD1.5 size (planned: 8 min)
+    # the random SD1.5 pipeline (~4 GB) is written once, into --model-dir (default: under --out)
     python experiments/benchmarks/gpu_check.py --smoke --out /tmp/gpu_check  # CPU, tiny models (CI runs this)
 
 Random weights at SD1.5 size (the same cost as the real ones; nothing is downloaded). Each check runs in its own
@@ -98,7 +99,7 @@ def check_versions(a) -> dict:
 def check_comat_step(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "comat.json"
-        args = ["--device", str(cuda_device(a)), "--out", str(out)]
+        args = ["--device", str(cuda_device(a)), "--out", str(out), "--model-dir", a.model_dir]
         args += (["--steps", "1", "--warmup", "1", "--num-inference-steps", "4", "--num-grad-steps", "2",
                   "--grad-stride", "2"] if a.smoke else ["--size", "sd15", "--steps", "3", "--warmup", "1"])
         script("comat_step").main(args)
@@ -111,7 +112,7 @@ def check_comat_step(a) -> dict:
 def check_refl_step(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "refl.json"
-        args = ["--device", str(cuda_device(a)), "--out", str(out)]
+        args = ["--device", str(cuda_device(a)), "--out", str(out), "--model-dir", a.model_dir]
         args += (["--steps", "1", "--num-inference-steps", "4", "--min-step", "1", "--max-step", "3"] if a.smoke
                  else ["--size", "sd15", "--steps", "3"])
         script("refl_step").main(args)
@@ -121,9 +122,8 @@ def check_refl_step(a) -> dict:
 
 
 def build_pipeline(a, folder: Path) -> str:
-    from t2i_align.diffusion.tiny import save_random_sd15, save_tiny_pipeline
-
-    return str(save_tiny_pipeline(folder) if a.smoke else save_random_sd15(folder))
+    """The random pipeline the parent built once (``--model-dir``); ``folder`` if none was given."""
+    return str(script("_timing").pipeline_folder(a.model_dir, folder.parent, not a.smoke))
 
 
 def check_tokencompose_step(a) -> dict:
@@ -315,7 +315,7 @@ def run_isolated(name: str, a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--row", str(out)]
-        cmd += ["--smoke"] if a.smoke else []
+        cmd += (["--smoke"] if a.smoke else []) + ["--model-dir", a.model_dir]
         tic = time.perf_counter()
         try:
             child = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checks", nargs="*", default=list(CHECKS), choices=CHECKS)
     p.add_argument("--only", choices=CHECKS, help=argparse.SUPPRESS)  # the child process of one check
     p.add_argument("--row", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help="the random pipeline's folder (default: built once under --out)")
     a = p.parse_args(argv)
     if a.only:
         row = run_one(a.only, a)
@@ -355,6 +356,11 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"mode": "smoke (CPU, tiny)" if a.smoke else "GPU, SD1.5 size", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "checks": {}}
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.model_dir is None:  # one random pipeline for every check (SD1.5 size: ~4 GB written once, not per check)
+        a.model_dir = str(a.out / ("tiny_random" if a.smoke else "sd15_random"))
+        tic = time.perf_counter()
+        script("_timing").pipeline_folder(a.model_dir, a.out, not a.smoke)
+        report["model_dir"] = {"path": a.model_dir, "seconds": round(time.perf_counter() - tic, 1)}
     for name in a.checks:
         row = run_isolated(name, a)
         report["checks"][name] = row

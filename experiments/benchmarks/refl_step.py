@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import peak_flops, sync
+from _timing import peak_flops, pipeline_folder, sync
 
 
 def save_reward_clip(folder: Path, size: str) -> str:
@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-step", type=int, default=30)
     p.add_argument("--max-step", type=int, default=39)
     p.add_argument("--out", type=Path, help="write the numbers as JSON")
+    p.add_argument("--model-dir", help="load the random pipeline from this folder (written there first if empty)")
     a = p.parse_args(argv)
 
     from t2i_align.diffusion.generator import GeneratorConfig, LoraSettings
     from t2i_align.diffusion.sampling import SamplingSettings
-    from t2i_align.diffusion.tiny import save_random_sd15, save_tiny_pipeline
     from t2i_align.lightning_modules.refl import ReFL
     from t2i_align.rewards import CLIPReward
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(a.device)
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
-        folder = save_random_sd15(Path(tmp) / "sd") if sd15 else save_tiny_pipeline(Path(tmp) / "sd")
+        folder = pipeline_folder(a.model_dir, tmp, sd15)
         reward = CLIPReward(save_reward_clip(Path(tmp) / "clip", a.size))
         lora = LoraSettings(rank=a.lora_rank) if a.lora_rank else None
         config = GeneratorConfig(pretrained=str(folder), lora=lora, weight_dtype=dtype_name,
