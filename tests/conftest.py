@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from t2i_align.diffusion.tiny import save_tiny_pipeline  # noqa: E402
+from t2i_align.diffusion.tiny import save_tiny_pipeline, save_tiny_sdxl_pipeline  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
 
@@ -35,6 +35,13 @@ def tiny_sd(tmp_path_factory) -> str:
 def tiny_sd_v(tmp_path_factory) -> str:
     """Folder of a tiny v-prediction SD pipeline (as SD 2.x 768)."""
     return str(save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd_v"), prediction_type="v_prediction"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+    """Folder of a tiny SDXL pipeline (two text encoders, text_time conditioning, transformer blocks of depth 1 and
+    2; random weights, seed 0), loaded back like stabilityai/stable-diffusion-xl-base-1.0."""
+    return str(save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl")))
 
 
 @pytest.fixture(scope="session")

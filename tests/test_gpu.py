@@ -9,13 +9,19 @@ import lightning as L
 import pytest
 import torch
 
-from tests.experts.test_placement import no_spacy, tiny_blip  # noqa: F401  (fixtures)
-from tests.training.test_requeue_toggles import captioner  # noqa: F401  (a fixture)
-from tests.diffusion.test_lora_export import (
-    LORA_WEIGHT_NAME, PROMPTS, SAMPLING, SEEDS, adapted_modules, lora_generator, plain_pipeline,
-)
 from t2i_align.diffusion.lora import export_trained_weights
 from t2i_align.diffusion.sampling import SamplingSettings
+from tests.diffusion.test_lora_export import (
+    LORA_WEIGHT_NAME,
+    PROMPTS,
+    SAMPLING,
+    SEEDS,
+    adapted_modules,
+    lora_generator,
+    plain_pipeline,
+)
+from tests.experts.test_placement import no_spacy, tiny_blip  # noqa: F401  (fixtures)
+from tests.training.test_requeue_toggles import captioner  # noqa: F401  (a fixture)
 
 CUDA = torch.device(os.environ.get("T2I_ALIGN_GPU_TEST_DEVICE", "cuda"))
 ACCELERATOR = "gpu" if CUDA.type == "cuda" else "cpu"
@@ -25,9 +31,9 @@ pytestmark = [pytest.mark.gpu,
 
 def test_experts_follow_the_module_onto_the_gpu(tiny_blip, no_spacy, monkeypatch, tmp_path):
     """Lightning moves the module to the rank's GPU; the module's hook moves its experts there too."""
-    from tests.experts.test_placement import RecordingPart
     from t2i_align.experts.tagger import CaptionNounTagger
     from t2i_align.lightning_modules import base
+    from tests.experts.test_placement import RecordingPart
 
     monkeypatch.setattr(base, "Generator", lambda config: torch.nn.Linear(1, 1))
     module = base.AlignmentModule(generator=None)

@@ -30,15 +30,40 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 DEFAULT_LAYER_PREFIXES = ("mid_block", "up_blocks")
 
 
-def cross_attention_layer_names(unet: torch.nn.Module, prefixes: tuple[str, ...] | list[str] = DEFAULT_LAYER_PREFIXES) -> list[str]:
-    """Module names of the ``attn2`` (cross-attention) layers whose name starts with one of ``prefixes``."""
-    names = [
-        name
-        for name, module in unet.named_modules()
-        if isinstance(module, Attention) and name.endswith("attn2") and name.startswith(tuple(prefixes))
-    ]
+def layer_downsampling(unet: torch.nn.Module, name: str) -> int:
+    """How many times the latents are downsampled where the layer ``name`` of a diffusers ``UNet2DConditionModel``
+    runs (its map side is the latent side divided by this): ``down_blocks.i`` at 2**i (a block downsamples at its
+    end), the mid block at the deepest level, ``up_blocks.j`` at 2**(levels - 1 - j) (a block upsamples at its end).
+    SD1.5 at 512 px: 1, 2, 4, 8 for maps of 64, 32, 16, 8; SDXL at 1024 px: 1, 2, 4 (128, 64, 32), the cross-attention
+    at 2 and 4 only, in transformer blocks of 2 and 10 layers."""
+    levels = len(unet.config.block_out_channels)
+    head, _, rest = name.partition(".")
+    if head == "mid_block":
+        return 2 ** (levels - 1)
+    if head in ("down_blocks", "up_blocks"):
+        index = int(rest.split(".", 1)[0])
+        return 2 ** index if head == "down_blocks" else 2 ** (levels - 1 - index)
+    raise ValueError(f"'{name}' is not in a down, mid or up block of the UNet")
+
+
+def _attention_layer_names(unet: torch.nn.Module, suffix: str, prefixes, downsampling) -> list[str]:
+    names = [name for name, module in unet.named_modules()
+             if isinstance(module, Attention) and name.endswith(suffix) and name.startswith(tuple(prefixes))]
+    if downsampling is not None:
+        names = [name for name in names if layer_downsampling(unet, name) in set(downsampling)]
+    return names
+
+
+def cross_attention_layer_names(unet: torch.nn.Module, prefixes: tuple[str, ...] | list[str] = DEFAULT_LAYER_PREFIXES,
+                                downsampling: Sequence[int] | None = None) -> list[str]:
+    """Module names of the ``attn2`` (cross-attention) layers whose name starts with one of ``prefixes``: every
+    transformer layer of every block (``...attentions.k.transformer_blocks.d.attn2``, d < the block's
+    ``transformer_layers_per_block``: SDXL's blocks hold 2 or 10). ``downsampling``: only layers at these factors
+    (:func:`layer_downsampling`), e.g. ``[4]`` for SDXL's 32 x 32 maps at 1024 px."""
+    names = _attention_layer_names(unet, "attn2", prefixes, downsampling)
     if not names:
-        raise ValueError(f"no cross-attention (attn2) layer of the UNet starts with any of {list(prefixes)}")
+        at = "" if downsampling is None else f" at downsampling {list(downsampling)}"
+        raise ValueError(f"no cross-attention (attn2) layer of the UNet starts with any of {list(prefixes)}{at}")
     return names
 
 
@@ -247,10 +272,11 @@ def scores_to_probs(attn: Attention, query: torch.Tensor, key: torch.Tensor, mas
     return scores.softmax(dim=-1).to(dtype)
 
 
-def self_attention_layer_names(unet: torch.nn.Module, prefixes: tuple[str, ...] | list[str] = DEFAULT_LAYER_PREFIXES) -> list[str]:
-    """Module names of the ``attn1`` (self-attention) layers whose name starts with one of ``prefixes``."""
-    return [name for name, module in unet.named_modules()
-            if isinstance(module, Attention) and name.endswith("attn1") and name.startswith(tuple(prefixes))]
+def self_attention_layer_names(unet: torch.nn.Module, prefixes: tuple[str, ...] | list[str] = DEFAULT_LAYER_PREFIXES,
+                               downsampling: Sequence[int] | None = None) -> list[str]:
+    """Module names of the ``attn1`` (self-attention) layers whose name starts with one of ``prefixes`` (every
+    transformer depth; ``downsampling`` as in :func:`cross_attention_layer_names`)."""
+    return _attention_layer_names(unet, "attn1", prefixes, downsampling)
 
 
 def install_capture(unet: torch.nn.Module, layers: list[str], store: AttentionStore) -> None:

@@ -1,5 +1,10 @@
-"""The generator: a Stable Diffusion UNet with LoRA (or full fine-tuning), prompt encoding with CFG,
-the denoising loss, and a sampler whose gradient rule is a :mod:`~t2i_align.diffusion.policies` policy.
+"""The generator: a Stable Diffusion (1.x/2.x or SDXL) UNet with LoRA (or full fine-tuning), prompt encoding with
+CFG, the denoising loss, and a sampler whose gradient rule is a :mod:`~t2i_align.diffusion.policies` policy.
+
+SD 1.x/2.x's text condition is a tensor ``[B, 77, D]``; SDXL's is an :class:`XLCondition` (hidden states of both text
+encoders, the pooled embedding and the size/crop ids), which supports the tensor operations callers use on a
+condition (``len``, slicing, ``expand``, ``to``); :meth:`Generator.condition_kwargs` turns either into the UNet's
+keyword arguments.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from t2i_align.diffusion.attention import (
     install_capture,
     key_value_cache,
 )
-from t2i_align.diffusion.loading import load_sd_components
+from t2i_align.diffusion.loading import load_sd_components, load_vae
 from t2i_align.diffusion.lora import PlainLayers
 from t2i_align.diffusion.policies import GradientPolicy, NoGrad
 from t2i_align.diffusion.sampling import SamplingSettings, step_noise
@@ -77,12 +82,15 @@ class GeneratorConfig:
     """Which model to load and what to train.
 
     Args:
-        pretrained: local diffusers folder or hub id of an SD 1.x/2.x pipeline.
+        pretrained: local diffusers folder or hub id of an SD 1.x/2.x or SDXL (base) pipeline.
         revision: hub revision.
         variant: weight variant on the hub (e.g. "fp16").
         lora: LoRA settings; None trains the full UNet.
         weight_dtype: dtype of the frozen weights (trainable ones are always float32).
         gradient_checkpointing: wrap grad-enabled UNet calls in non-reentrant checkpointing.
+        vae: another VAE (folder or hub id of an ``AutoencoderKL``) instead of the pipeline's, e.g.
+            madebyollin/sdxl-vae-fp16-fix for SDXL in float16 (SDXL's own VAE overflows in float16: with
+            ``weight_dtype: float16`` it is kept and run in float32, as its ``force_upcast`` asks).
     """
 
     pretrained: str
@@ -91,6 +99,79 @@ class GeneratorConfig:
     lora: LoraSettings | None = field(default_factory=LoraSettings)
     weight_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
+    vae: str | None = None
+
+
+@dataclass
+class XLCondition:
+    """SDXL's text condition of a batch: what its UNet takes besides the latents and timesteps.
+
+    ``hidden``: both text encoders' penultimate hidden states, concatenated on the feature axis ``[B, 77, 768 +
+    1280]``; ``pooled``: text_encoder_2's projected pooled output ``[B, 1280]`` (diffusers
+    pipeline_stable_diffusion_xl.py ``StableDiffusionXLPipeline.encode_prompt``); ``time_ids``: SDXL's size and crop
+    conditioning ``[B, 6]`` = (original height, width, crop top, left, target height, width), None: the generator
+    derives them at each UNet call from the latents' size as diffusers' pipeline does by default (original = target
+    = the image size, crop (0, 0): ``StableDiffusionXLPipeline.__call__`` / ``_get_add_time_ids``).
+
+    It supports the operations methods and the sampler use on SD's condition tensor (``len``, slicing, ``expand``,
+    ``expand_as``, ``to``, ``shape``/``device``/``dtype`` of ``hidden``), so callers need not tell the two apart.
+    """
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+    time_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "XLCondition":
+        return XLCondition(fn(self.hidden), fn(self.pooled), None if self.time_ids is None else fn(self.time_ids))
+
+    def __getitem__(self, index) -> "XLCondition":
+        if not isinstance(index, (slice, int, list, torch.Tensor)):
+            raise TypeError(f"an XLCondition is indexed along its batch only, got {index!r}")
+        return self._map(lambda t: t[index:index + 1] if isinstance(index, int) else t[index])
+
+    def expand(self, batch: int, *_: int) -> "XLCondition":
+        """Each part expanded to ``batch`` rows (``cond.expand(n, -1, -1)`` as on a tensor)."""
+        return self._map(lambda t: t.expand(batch, *t.shape[1:]))
+
+    def expand_as(self, other: "XLCondition") -> "XLCondition":
+        return self.expand(len(other))
+
+    def to(self, *args, **kwargs) -> "XLCondition":
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def detach(self) -> "XLCondition":
+        return self._map(torch.Tensor.detach)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.hidden.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+    @staticmethod
+    def cat(parts: Sequence["XLCondition"]) -> "XLCondition":
+        """Parts stacked along the batch (their ``time_ids`` all given or all None)."""
+        ids = [p.time_ids for p in parts]
+        if any(i is None for i in ids) and not all(i is None for i in ids):
+            raise ValueError("cannot concatenate XLConditions with and without time_ids")
+        return XLCondition(torch.cat([p.hidden for p in parts]), torch.cat([p.pooled for p in parts]),
+                           None if ids[0] is None else torch.cat(ids))
+
+
+def cat_conditions(parts: Sequence) -> "torch.Tensor | XLCondition":
+    """Conditions (all tensors or all :class:`XLCondition`) stacked along the batch."""
+    if isinstance(parts[0], XLCondition):
+        return XLCondition.cat(parts)
+    return torch.cat(list(parts))
 
 
 @dataclass
@@ -246,7 +327,20 @@ class Generator(nn.Module):
         parts = load_sd_components(config.pretrained, config.revision, config.variant, dtype=self.weight_dtype)
         self.tokenizer = parts.tokenizer
         self.text_encoder = parts.text_encoder.requires_grad_(False).eval()
-        self.vae = parts.vae.requires_grad_(False).eval()
+        self.is_xl = parts.is_xl
+        # SDXL: the second tokenizer and text encoder; the unconditional branch of CFG is zeros where the pipeline
+        # says so (diffusers StableDiffusionXLPipeline.encode_prompt: force_zeros_for_empty_prompt, True for base 1.0)
+        self.tokenizer_2 = parts.tokenizer_2
+        self.text_encoder_2 = None if parts.text_encoder_2 is None else parts.text_encoder_2.requires_grad_(False).eval()
+        self.force_zeros_for_empty_prompt = bool(self.is_xl and (parts.pipeline_config or {}).get(
+            "force_zeros_for_empty_prompt", True))
+        vae = parts.vae if config.vae is None else load_vae(config.vae, config.revision, dtype=self.weight_dtype)
+        # SDXL's VAE overflows in float16 (its config's force_upcast): kept and run in float32 then, as the SDXL
+        # pipeline decodes (StableDiffusionXLPipeline.__call__, ``needs_upcasting``); an fp16-fixed VAE
+        # (force_upcast false) runs in float16. SD 1.x/2.x keep their VAE as it is, as StableDiffusionPipeline does.
+        self.vae_upcast = bool(self.is_xl and self.weight_dtype == torch.float16 and vae.config.force_upcast)
+        self.vae = (vae.float() if self.vae_upcast else vae).requires_grad_(False).eval()
+        self._time_ids: dict = {}  # (rows, height, width, device) -> SDXL's default time ids (one tensor per shape)
         self.unet = parts.unet
         self.scheduler_config = parts.scheduler_config
         self.train_scheduler = DDPMScheduler.from_config(self.scheduler_config)
@@ -366,8 +460,12 @@ class Generator(nn.Module):
 
     # ------------------------------------------------------------------------------- text & vae
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """CLIP text-encoder hidden states ``[B, 77, D]`` (frozen encoder, no gradient)."""
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor | XLCondition:
+        """CLIP text-encoder hidden states ``[B, 77, D]`` (frozen encoder, no gradient); for SDXL an
+        :class:`XLCondition`: both encoders' penultimate hidden states concatenated, and text_encoder_2's pooled
+        projection (diffusers ``StableDiffusionXLPipeline.encode_prompt``, without clip_skip)."""
+        if self.is_xl:
+            return self._encode_prompts_xl(prompts)
         ids = self.tokenizer(
             list(prompts),
             padding="max_length",
@@ -378,32 +476,102 @@ class Generator(nn.Module):
         with self.autocast():
             return self.text_encoder(ids)[0]
 
-    def empty_embedding(self) -> torch.Tensor:
-        """Embedding of the empty prompt (the unconditional branch of CFG), computed once per device."""
+    def _encode_prompts_xl(self, prompts: Sequence[str]) -> XLCondition:
+        hidden = []
+        pooled = None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(self.device)
+            with self.autocast():
+                out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # "SDXL always indexes from the penultimate layer"
+            pooled = out[0]  # the last encoder's (text_encoder_2's) projected pooled output, [B, 1280]
+        return XLCondition(torch.cat(hidden, dim=-1), pooled)
+
+    def empty_embedding(self) -> torch.Tensor | XLCondition:
+        """Embedding of the empty prompt (the unconditional branch of CFG), computed once per device; SDXL with
+        ``force_zeros_for_empty_prompt``: zeros of the condition's shapes, as diffusers' SDXL pipeline uses without
+        a negative prompt."""
         if self._empty_embedding is None or self._empty_embedding.device != self.device:
-            self._empty_embedding = self.encode_prompts([""])
+            empty = self.encode_prompts([""])
+            if self.force_zeros_for_empty_prompt:
+                empty = XLCondition(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled))
+            self._empty_embedding = empty
         return self._empty_embedding
+
+    def vae_autocast(self):
+        """The VAE's precision context: the generator's autocast, or float32 without autocast for a VAE kept in
+        float32 (``vae_upcast``: SDXL's VAE with float16 weights elsewhere)."""
+        if self.vae_upcast:
+            return torch.autocast(self.device.type, enabled=False)
+        return self.autocast()
+
+    def _latent_stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A VAE config's ``latents_mean``/``latents_std`` (None in SD's and SDXL base's) as ``[1, C, 1, 1]``."""
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is None or std is None:
+            return None
+        view = (1, len(mean), 1, 1)
+        return (torch.tensor(mean).view(view).to(latents.device, latents.dtype),
+                torch.tensor(std).view(view).to(latents.device, latents.dtype))
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
         """Images in [0, 1] -> scaled VAE latents (a sample of the posterior, drawn with ``rng``)."""
-        with self.autocast():
+        with self.vae_autocast():
             dist = self.vae.encode((pixels * 2 - 1).to(self.vae.dtype)).latent_dist
         noise = randn_tensor(dist.mean.shape, generator=rng, device=dist.mean.device, dtype=dist.mean.dtype)
-        return (dist.mean + dist.std * noise).float() * self.vae.config.scaling_factor
+        latents = (dist.mean + dist.std * noise).float()
+        stats = self._latent_stats(latents)
+        if stats is not None:  # diffusers' SDXL training scripts: (z - mean) * scaling_factor / std
+            return (latents - stats[0]) * self.vae.config.scaling_factor / stats[1]
+        return latents * self.vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [0, 1] (differentiable)."""
-        with self.autocast():
-            images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        stats = self._latent_stats(latents)
+        with self.vae_autocast():
+            if stats is not None:  # StableDiffusionXLPipeline.__call__: latents * std / scaling_factor + mean
+                images = self.vae.decode(latents * stats[1] / self.vae.config.scaling_factor + stats[0]).sample
+            elif self.vae_upcast:
+                images = self.vae.decode(latents.float() / self.vae.config.scaling_factor).sample
+            else:
+                images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # ------------------------------------------------------------------------------------- unet
-    def unet_forward(self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
+    def time_ids(self, rows: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """SDXL's default size/crop ids of ``rows`` images of ``height`` x ``width`` pixels: (h, w, 0, 0, h, w)
+        (diffusers ``StableDiffusionXLPipeline.__call__``: original_size = target_size = (height, width),
+        crops_coords_top_left = (0, 0)), float32, one tensor per shape and device (made once: no copy per step)."""
+        key = (rows, height, width, str(device))
+        ids = self._time_ids.get(key)
+        if ids is None:
+            ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(rows, 1).to(device)
+            self._time_ids[key] = ids
+        return ids
+
+    def condition_kwargs(self, condition, latents: torch.Tensor) -> dict:
+        """The UNet's keyword arguments for ``condition`` (SD: a tensor; SDXL: an :class:`XLCondition`) on
+        ``latents``: ``encoder_hidden_states``, and for SDXL ``added_cond_kwargs`` (pooled embedding and time ids)."""
+        if not isinstance(condition, XLCondition):
+            return {"encoder_hidden_states": condition}
+        ids = condition.time_ids
+        if ids is None:
+            factor = self.vae_scale_factor
+            ids = self.time_ids(len(condition), latents.shape[-2] * factor, latents.shape[-1] * factor, latents.device)
+        return {"encoder_hidden_states": condition.hidden,
+                "added_cond_kwargs": {"text_embeds": condition.pooled, "time_ids": ids}}
+
+    def unet_forward(self, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor | XLCondition,
+                     use_checkpoint: bool = False) -> torch.Tensor:
         """One UNet call; with ``use_checkpoint`` (and grad on) it is wrapped in non-reentrant checkpointing."""
 
         def run(x, t, c):
             with self.autocast():
+                if isinstance(c, XLCondition):
+                    return self.unet(x, t, **self.condition_kwargs(c, x)).sample.float()
                 return self.unet(x, t, encoder_hidden_states=c).sample.float()
 
         if use_checkpoint and torch.is_grad_enabled():
@@ -484,7 +652,7 @@ class Generator(nn.Module):
         policy_rng: torch.Generator | None = None,
         decode: bool = True,
         record_attention: bool | Sequence[int] = False,
-        embeddings: torch.Tensor | None = None,
+        embeddings: torch.Tensor | XLCondition | None = None,
         attention_edits: Sequence[ScoreEdit] = (),
         step_hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
         init_latents: torch.Tensor | None = None,
@@ -527,7 +695,7 @@ class Generator(nn.Module):
 
         cond = self.encode_prompts(prompts) if embeddings is None else embeddings
         if cfg:
-            cond = torch.cat([self.empty_embedding().expand_as(cond), cond])
+            cond = cat_conditions([self.empty_embedding().expand_as(cond), cond])
         resolution = sampling.resolution or self.default_resolution
         self.check_resolution(resolution, "sampling.resolution")
         latent_side = resolution // self.vae_scale_factor

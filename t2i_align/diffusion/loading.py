@@ -1,4 +1,4 @@
-"""Load the parts of a diffusers Stable Diffusion 1.x/2.x pipeline from a local folder or a hub id."""
+"""Load the parts of a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline from a local folder or a hub id."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from t2i_align.common import UserError
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+XL_SUBFOLDERS = ("tokenizer_2", "text_encoder_2")  # SDXL's second tokenizer and text encoder (OpenCLIP bigG)
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -27,6 +28,14 @@ class SDComponents:
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     scheduler_config: dict
+    # SDXL only: the second tokenizer and text encoder (its pooled, projected output is the UNet's added condition)
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    pipeline_config: dict | None = None  # model_index.json (e.g. SDXL's force_zeros_for_empty_prompt)
+
+    @property
+    def is_xl(self) -> bool:
+        return self.text_encoder_2 is not None
 
 
 # huggingface_hub's repo-id rule: "name" or "namespace/name" of letters, digits, "-", "_" and "."
@@ -68,25 +77,83 @@ def _scheduler_config(source: str, revision: str | None) -> dict:
     return dict(DDPMScheduler.load_config(source, subfolder="scheduler", revision=revision))
 
 
+def pipeline_index(source: str, revision: str | None = None) -> dict | None:
+    """The pipeline's ``model_index.json`` (local folder, cache or hub), or None where there is none."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    class _Index(ConfigMixin):
+        config_name = "model_index.json"
+
+    try:
+        return dict(_Index.load_config(source, revision=revision))
+    except (OSError, ValueError, EnvironmentError):
+        return None
+
+
+def is_sdxl_index(index: dict | None) -> bool:
+    """An SDXL pipeline: ``StableDiffusionXL*`` as ``_class_name``, or a second text encoder listed (a component
+    entry is ``[library, class]``, ``[null, null]`` where the pipeline has none)."""
+    if not index:
+        return False
+    entry = index.get("text_encoder_2")
+    return "XL" in str(index.get("_class_name", "")) or (isinstance(entry, (list, tuple)) and entry[0] is not None)
+
+
+def _refuse_refiner(source: str, index: dict | None) -> None:
+    entry = (index or {}).get("text_encoder")
+    if is_sdxl_index(index) and isinstance(entry, (list, tuple)) and entry[0] is None:
+        raise ModelLoadError(f"'{source}' has no text_encoder (an SDXL refiner?): load the SDXL base pipeline "
+                             "(e.g. stabilityai/stable-diffusion-xl-base-1.0); the refiner is not used")
+
+
+def load_vae(source: str, revision: str | None = None, variant: str | None = None,
+             dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """An ``AutoencoderKL`` on its own (``GeneratorConfig.vae``: e.g. madebyollin/sdxl-vae-fp16-fix, SDXL's VAE
+    fine-tuned to stay finite in float16): a model folder or hub id with ``config.json`` at its root, or a pipeline
+    folder with a ``vae/`` subfolder."""
+    source = resolve_pretrained(source, "VAE", revision)
+    local = Path(source)
+    subfolder = "vae" if local.exists() and not (local / "config.json").exists() and (local / "vae").is_dir() else None
+    try:
+        return AutoencoderKL.from_pretrained(source, subfolder=subfolder, revision=revision, variant=variant,
+                                             torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load the VAE '{source}': {err}") from err
+
+
 def load_sd_components(
     source: str, revision: str | None = None, variant: str | None = None, dtype: torch.dtype = torch.float32
 ) -> SDComponents:
-    """Load tokenizer, text encoder, VAE, UNet and scheduler config of an SD pipeline.
+    """Load tokenizer(s), text encoder(s), VAE, UNet and scheduler config of an SD 1.x/2.x or SDXL pipeline.
 
-    ``source`` is a local diffusers folder (``model_index.json`` with the five subfolders) or a hub id
-    such as ``stable-diffusion-v1-5/stable-diffusion-v1-5``. Hub ids need network access (or a filled
-    Hugging Face cache); without it the error says so and suggests a local folder.
+    ``source`` is a local diffusers folder (``model_index.json`` with the five subfolders, SDXL's two more) or a hub
+    id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` or ``stabilityai/stable-diffusion-xl-base-1.0``.
+    SDXL is recognised by its ``model_index.json`` (``StableDiffusionXLPipeline``, or a ``text_encoder_2`` entry);
+    the refiner is not needed. Hub ids need network access (or a filled Hugging Face cache); without it the error
+    says so and suggests a local folder.
     """
     source = resolve_pretrained(source, "Stable Diffusion pipeline", revision)
     local = Path(source)
+    index = pipeline_index(source, revision)
+    _refuse_refiner(source, index)
+    xl = is_sdxl_index(index) or (local.exists() and (local / "text_encoder_2").is_dir())
     if local.exists():
-        missing = [sub for sub in SUBFOLDERS if not (local / sub).is_dir()]
+        missing = [sub for sub in SUBFOLDERS + (XL_SUBFOLDERS if xl else ()) if not (local / sub).is_dir()]
         if missing:
             raise ModelLoadError(
                 f"'{source}' is not a diffusers Stable Diffusion folder: missing subfolder(s) {missing} "
-                f"(expected {list(SUBFOLDERS)})"
+                f"(expected {list(SUBFOLDERS + (XL_SUBFOLDERS if xl else ()))})"
             )
     try:
+        xl_parts = {}
+        if xl:
+            xl_parts = dict(
+                tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", revision=revision),
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                    source, subfolder="text_encoder_2", revision=revision, variant=variant, dtype=dtype
+                ),
+                pipeline_config=index or {},
+            )
         return SDComponents(
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision),
             text_encoder=CLIPTextModel.from_pretrained(
@@ -97,6 +164,7 @@ def load_sd_components(
                 source, subfolder="unet", revision=revision, variant=variant, torch_dtype=dtype
             ),
             scheduler_config=_scheduler_config(source, revision),
+            **xl_parts,
         )
     except (OSError, ValueError) as err:
         if local.exists():

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from t2i_align.lightning_modules.base import AlignmentModule, FrozenExperts
+from tests.experts.test_grounded_sam import tiny_dino, tiny_sam  # noqa: F401  (fixtures)
 from tests.helpers import REPO_ROOT, save_tiny_captioner
 
 META = torch.device("meta")
@@ -59,7 +60,12 @@ def tiny_blip(tmp_path_factory) -> str:
 def tiny_vqa(tmp_path_factory) -> str:
     from transformers import BlipConfig, BlipForQuestionAnswering, BlipProcessor
 
-    from t2i_align.toyworld.experts.captioner import DEC, build_captioner_tokenizer, caption_vocabulary, image_processor
+    from t2i_align.toyworld.experts.captioner import (
+        DEC,
+        build_captioner_tokenizer,
+        caption_vocabulary,
+        image_processor,
+    )
 
     folder = tmp_path_factory.mktemp("blip_vqa")
     ids = {w: i for i, w in enumerate(caption_vocabulary())}
@@ -102,46 +108,6 @@ def tiny_bert(tmp_path_factory) -> str:
     BertTokenizerFast(vocab={w: i for i, w in enumerate(DINO_WORDS)}).save_pretrained(folder)
     BertModel(BertConfig(vocab_size=len(DINO_WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def tiny_dino(tmp_path_factory) -> str:
-    from transformers import BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection, SwinConfig
-
-    folder = tmp_path_factory.mktemp("grounding_dino")
-    (folder / "vocab.txt").write_text("\n".join(DINO_WORDS) + "\n")
-    tokenizer = BertTokenizer.from_pretrained(str(folder))
-    config = GroundingDinoConfig(
-        backbone_config=SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1],
-                                   num_heads=[1, 1, 1, 1], window_size=2, out_features=["stage2", "stage3", "stage4"]),
-        text_config=BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=37, max_position_embeddings=64),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=4, num_feature_levels=3, encoder_n_points=1,
-        decoder_n_points=1, max_text_len=32)
-    GroundingDinoForObjectDetection(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": MEAN, "image_std": STD, "size": {"shortest_edge": 64, "longest_edge": 96}}))
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def tiny_sam(tmp_path_factory) -> str:
-    from transformers import SamConfig, SamModel
-
-    folder = tmp_path_factory.mktemp("sam")
-    config = SamConfig(
-        vision_config=dict(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=256, patch_size=64, window_size=2, global_attn_indexes=[0], num_pos_feats=8,
-                           mlp_dim=32),
-        prompt_encoder_config=dict(hidden_size=16, image_size=256, patch_size=64, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2,
-                                 iou_head_hidden_dim=16))
-    SamModel(config).save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": MEAN, "image_std": STD, "size": {"longest_edge": 256}, "pad_size": {"height": 256, "width": 256}}))
     return str(folder)
 
 
@@ -310,8 +276,8 @@ def test_every_expert_class_can_be_moved():
 @pytest.fixture
 def module(monkeypatch, tiny_blip, no_spacy):
     """An AlignmentModule whose generator is a stand-in layer, with a real expert and a recording one."""
-    from t2i_align.lightning_modules import base
     from t2i_align.experts.tagger import CaptionNounTagger
+    from t2i_align.lightning_modules import base
 
     monkeypatch.setattr(base, "Generator", lambda config: torch.nn.Linear(1, 1))
     module = AlignmentModule(generator=None)
