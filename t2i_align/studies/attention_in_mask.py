@@ -81,7 +81,7 @@ def models_of(results_paths: list[str | Path]) -> list[Model]:
     """The base and each arm's chosen checkpoint of one or more ``val_stopping`` results files."""
     models = [BASE]
     for path in results_paths:
-        models += [Model(name, m["configs"], checkpoint=m["checkpoint"])
+        models += [Model(name, m["configs"], checkpoint=m["checkpoint"], overrides=m.get("overrides", ()))
                    for name, m in json.loads(Path(path).read_text())["models"].items() if "curve" in m]
     return models
 

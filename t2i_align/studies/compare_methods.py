@@ -43,6 +43,7 @@ from t2i_align.studies.harness import (
     evaluate_toy,
     fit,
     toy_eval,
+    training_seed,
 )
 
 REFL, ARL = "configs/method/refl.yaml", "configs/method/arl.yaml"
@@ -89,19 +90,22 @@ def main(argv: list[str] | None = None) -> None:
                    help="evaluation prompts per category for the toy metrics on the full set (0: skip that pass)")
     p.add_argument("--seeds", type=int, default=3, help="images (seeds) per prompt in the full pass")
     p.add_argument("--reevaluate", action="store_true", help="evaluate again even where a finished pass exists")
+    p.add_argument("--training-seeds", type=int, nargs="+", default=[0],
+                   help="train every method once per seed (0: the configs' own seeds; harness.training_seed)")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
                    help="overrides for every fit (smoke runs only: the table compares the configs' own budget)")
     a = p.parse_args(argv)
 
     full = a.full_per_category
-    settings = {"full_per_category": full, "seeds": a.seeds, "fit_args": a.fit_args}
+    settings = {"full_per_category": full, "seeds": a.seeds, "fit_args": a.fit_args, "training_seeds": a.training_seeds}
     results = report.new_results("compare_methods", settings)
     base = report.add_model(results, BASE, validate=evaluate(BASE, reevaluate=a.reevaluate))
     if full:
         base["full_toy"] = evaluate_toy(BASE, full, a.seeds, a.reevaluate)
-    for name in a.methods:
-        trained = {**fit(METHODS[name], a.fit_args, a.retrain), "toy_eval": toy_eval(METHODS[name].run_dir)}
-        model = METHODS[name].replace(checkpoint=str(checkpoint(METHODS[name].run_dir)))
+    for method_model in [training_seed(METHODS[n], seed) for n in a.methods for seed in a.training_seeds]:
+        name = method_model.name
+        trained = {**fit(method_model, a.fit_args, a.retrain), "toy_eval": toy_eval(method_model.run_dir)}
+        model = method_model.replace(checkpoint=str(checkpoint(method_model.run_dir)))
         method = report.add_model(results, model, fit=trained, validate=evaluate(model, reevaluate=a.reevaluate))
         check_consistency(f"{name} before", trained["toy_eval"]["before"], base["validate"]["metrics"])
         check_consistency(f"{name} after", trained["toy_eval"]["after"], method["validate"]["metrics"])

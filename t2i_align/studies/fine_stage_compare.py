@@ -36,7 +36,7 @@ import torch
 from t2i_align.io import atomic_path
 from t2i_align.studies import report
 from t2i_align.studies.harness import (
-    BASE, EVAL_CONFIG, TOYWORLD, Model, config_args, evaluate, evaluate_toy, toy_pass_callbacks,
+    BASE, EVAL_CONFIG, TOYWORLD, Model, evaluate, evaluate_toy, toy_pass_callbacks,
 )
 
 FINE = ("configs/method/fine_stage.yaml", TOYWORLD, "configs/experiment/toyworld_fine_stage.yaml")
@@ -50,7 +50,8 @@ def coarse_candidate(results_path: str | Path) -> tuple[Model, float]:
     models = json.loads(Path(results_path).read_text())["models"]
     scores = {name: m["curve"][str(m["step"])]["all_clauses"]["method"] for name, m in models.items() if "curve" in m}
     name = max(scores, key=scores.get)
-    return Model(name, models[name]["configs"], checkpoint=models[name]["checkpoint"]), scores[name]
+    return (Model(name, models[name]["configs"], checkpoint=models[name]["checkpoint"],
+                  overrides=models[name].get("overrides", ())), scores[name])
 
 
 def fine_configs(ckpt: str | None) -> tuple[str, ...]:
@@ -108,7 +109,7 @@ def grid(model: Model, out: Path, seed: int = 0) -> None:
     callbacks = json.dumps(toy_pass_callbacks(1, 1))
     with warnings.catch_warnings():  # args given while the study has its own command line: on purpose
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = T2ICLI(args=[*config_args(model.configs), "--config", EVAL_CONFIG, "--trainer.logger=false",
+        cli = T2ICLI(args=[*model.args(), "--config", EVAL_CONFIG, "--trainer.logger=false",
                            f"--trainer.callbacks={callbacks}"], run=False)
     [toy] = [c for c in cli.trainer.callbacks if type(c).__name__ == "ToyWorldEvaluation"]
     module = cli.model.eval()

@@ -53,15 +53,22 @@ class Model:
         configs: its ``--config`` stack, as the last file's header gives it.
         run_dir: the folder its fit writes (the stack's ``trainer.default_root_dir``); None when it is not trained.
         checkpoint: the weights evaluated; None: the stack's own starting weights.
+        overrides: command-line arguments after the stack (``--model.init_args.seed=1``): see :func:`training_seed`.
     """
 
     name: str
     configs: tuple[str, ...]
     run_dir: str | None = None
     checkpoint: str | None = None
+    overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "configs", tuple(self.configs))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+
+    def args(self) -> list[str]:
+        """Its command-line arguments: the ``--config`` stack, then the overrides."""
+        return [*config_args(self.configs), *self.overrides]
 
     def replace(self, **changes: Any) -> Model:
         return dataclasses.replace(self, **changes)
@@ -79,6 +86,22 @@ BASE = Model("Base", (FINETUNE, TOYWORLD))
 
 def config_args(configs: Sequence[str]) -> list[str]:
     return [arg for config in configs for arg in ("--config", config)]
+
+
+def training_seed(model: Model, seed: int) -> Model:
+    """``model`` trained again with training seed ``seed`` (one training run per arm measures sampling noise only):
+    the method's random streams (``model.init_args.seed``: noise, timesteps, sampled candidates) and the data order
+    (``data.init_args.seed``) are both ``seed``, in their own run folder (``<run_dir>_seed<seed>``, where the
+    logger writes too) and named ``<name> (training seed <seed>)``. Seed 0 is ``model`` itself: the configs' own
+    seeds (every study config leaves both at 0)."""
+    if seed == 0:
+        return model
+    if model.run_dir is None:
+        raise ValueError(f"{model.name}: a model that is not trained has no training seed")
+    run_dir = f"{model.run_dir}_seed{seed}"
+    overrides = (*model.overrides, f"--model.init_args.seed={seed}", f"--data.init_args.seed={seed}",
+                 f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}")
+    return model.replace(name=f"{model.name} (training seed {seed})", run_dir=run_dir, overrides=overrides)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -129,7 +152,7 @@ def fit(model: Model, args: Sequence[str] = (), retrain: bool = False, min_step:
         raise ValueError(f"{model.name}: no run folder to train into")
     run_dir = Path(model.run_dir)
     report, timing = run_dir / "toy_eval.json", run_dir / "fit_seconds.json"
-    args = [*config_args(model.configs), *args]
+    args = [*model.args(), *args]
     finished = report.exists() and (min_step is None or toy_eval(run_dir)["step"] >= min_step)
     command = shlex.join(["t2i-align", "fit", *args])
     if retrain or not finished:
@@ -163,7 +186,7 @@ def load_module(model: Model) -> L.LightningModule:
 
     with warnings.catch_warnings():  # args given while the study has its own command line: on purpose
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        module = T2ICLI(args=[*config_args(model.configs), "--trainer.logger=false"], run=False).model
+        module = T2ICLI(args=[*model.args(), "--trainer.logger=false"], run=False).model
     if model.checkpoint is not None:
         checkpoint = load_checkpoint_file(model.checkpoint)
         module.on_load_checkpoint(checkpoint)
@@ -257,7 +280,7 @@ def evaluate(model: Model, callbacks: list[dict] | None = None, label: str = "ev
     "metrics", "checkpoint", "root", "per_image"}``, ``per_image`` the ``toy_eval/per_image_step_<N>.jsonl`` of a
     pass with ``per_image: true`` (else None).
     """
-    args = [*config_args(model.configs), "--config", eval_config, "--trainer.logger=false"]
+    args = [*model.args(), "--config", eval_config, "--trainer.logger=false"]
     if callbacks is not None:
         args.append("--trainer.callbacks=" + json.dumps(callbacks, separators=(",", ":")))
     key = evaluation_key(args, model.checkpoint)

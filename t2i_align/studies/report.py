@@ -49,7 +49,8 @@ def new_results(study: str, settings: dict) -> dict:
 
 def add_model(results: dict, model: Model, **entry) -> dict:
     """The model's entry (``fit``, ``validate`` and ``full_toy`` None until given), added to ``results``."""
-    results["models"][model.name] = {"configs": list(model.configs), "checkpoint": model.checkpoint, "fit": None,
+    results["models"][model.name] = {"configs": list(model.configs), "overrides": list(model.overrides),
+                                     "checkpoint": model.checkpoint, "fit": None,
                                      "validate": None, "full_toy": None, **entry}
     return results["models"][model.name]
 

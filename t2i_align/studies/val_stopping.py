@@ -32,7 +32,9 @@ from pathlib import Path
 from t2i_align.io import atomic_path
 from t2i_align.stats import paired_bootstrap, per_prompt_means
 from t2i_align.studies import report
-from t2i_align.studies.harness import BASE, VAL_CONFIG, Model, checkpoint, evaluate, evaluate_toy, fit
+from t2i_align.studies.harness import (
+    BASE, VAL_CONFIG, Model, checkpoint, evaluate, evaluate_toy, fit, training_seed,
+)
 
 CURVE_METRICS = ("all_clauses", "object_missing", "attribute_wrong")
 
@@ -122,17 +124,21 @@ def main(arms: Mapping[str, Model], out: str, max_steps: int, description: str, 
     p.add_argument("--full-per-category", type=int, default=100)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--reevaluate", action="store_true")
+    p.add_argument("--training-seeds", type=int, nargs="+", default=[0],
+                   help="train every arm once per seed (0: the configs' own seeds; harness.training_seed)")
     a = p.parse_args(argv)
 
+    runs = {training_seed(arms[name], seed).name: training_seed(arms[name], seed)
+            for name in a.arms for seed in a.training_seeds}
     fit_args = ["--config", VAL_CONFIG, f"--trainer.max_steps={a.max_steps}"]
-    for name in a.arms:  # all training first: the choices are made before any evaluation prompt is generated
-        fit(arms[name], fit_args, a.retrain, min_step=a.max_steps)
+    for arm in runs.values():  # all training first: the choices are made before any evaluation prompt is generated
+        fit(arm, fit_args, a.retrain, min_step=a.max_steps)
     results = report.new_results(study, {"max_steps": a.max_steps, "full_per_category": a.full_per_category,
-                                         "seeds": a.seeds, "validation_seeds": validation_seeds()})
+                                         "seeds": a.seeds, "validation_seeds": validation_seeds(),
+                                         "training_seeds": a.training_seeds})
     report.add_model(results, BASE, validate=evaluate(BASE, reevaluate=a.reevaluate),
                      full_toy=evaluate_toy(BASE, a.full_per_category, a.seeds, a.reevaluate))
-    for name in a.arms:
-        arm = arms[name]
+    for name, arm in runs.items():
         trained = fit(arm, fit_args, min_step=a.max_steps)  # found: the record of the fit above
         curve = learning_curve(arm.run_dir, a.max_steps)
         step = choose_step(curve)

@@ -69,7 +69,8 @@ def test_every_method_is_trained_checked_and_compared_with_the_base(tmp_path, st
     assert study.passes[:4] == [("Base", None, "validate"), ("Base", None, "toy 5x2"), ("Finetune", ckpt, "validate"),
                                 ("Finetune", ckpt, "toy 5x2")]
     results = json.loads(out.with_suffix(".json").read_text())
-    assert results["settings"] == {"full_per_category": 5, "seeds": 2, "fit_args": ["--x=1"]}
+    assert results["settings"] == {"full_per_category": 5, "seeds": 2, "fit_args": ["--x=1"],
+                                   "training_seeds": [0]}
     assert list(results["models"]) == ["Base", "Finetune", "ARL"]
     base = results["models"]["Base"]
     assert base["configs"] == list(harness.BASE.configs) and base["fit"] is None

@@ -325,3 +325,36 @@ def test_a_fit_and_its_checkpoint_evaluated_end_to_end(tmp_path, tiny_sd, tiny_p
     before = harness.evaluate(model, one_image(prompts), "toy", root=tmp_path / "compare", eval_config=eval_config)
     assert f"--ckpt_path={ckpt}" in after["command"] and after["root"] != before["root"]
     assert after["metrics"]["denoise_loss"] != before["metrics"]["denoise_loss"]  # the trained weights were loaded
+
+
+# ------------------------------------------------------------------------------------------ training seeds
+def test_a_training_seed_is_another_run_of_the_same_stack(tmp_path, monkeypatch):
+    calls = []
+
+    def run_cli(subcommand, args):
+        calls.append(list(args))
+        return "t2i-align fit ...", 1.0
+
+    monkeypatch.setattr(harness, "run_cli", run_cli)
+    model = Model("A", ("a.yaml",), str(tmp_path / "a"))
+    assert harness.training_seed(model, 0) is model  # the configs' own seeds
+    seeded = harness.training_seed(model, 2)
+    assert seeded.name == "A (training seed 2)" and seeded.run_dir == f"{tmp_path / 'a'}_seed2"
+    harness.fit(seeded, ["--trainer.max_steps=5"])
+    assert calls == [["--config", "a.yaml", "--model.init_args.seed=2", "--data.init_args.seed=2",
+                      f"--trainer.default_root_dir={tmp_path / 'a'}_seed2",
+                      f"--trainer.logger.init_args.save_dir={tmp_path / 'a'}_seed2", "--trainer.max_steps=5"]]
+    with pytest.raises(ValueError, match="not trained"):
+        harness.training_seed(Model("Base", ("a.yaml",)), 1)
+
+
+def test_a_training_seed_reaches_the_resolved_config_and_the_evaluation_key():
+    from t2i_align.studies.compare_methods import METHODS
+
+    model = METHODS["Finetune"]
+    seeded = harness.training_seed(model, 1)
+    config = harness.resolved_config(seeded.args())
+    assert config["model"]["init_args"]["seed"] == 1 and config["data"]["init_args"]["seed"] == 1
+    assert config["trainer"]["default_root_dir"] == f"{model.run_dir}_seed1"
+    assert harness.resolved_config(model.args())["model"]["init_args"]["seed"] == 0
+    assert harness.evaluation_key(seeded.args(), None) != harness.evaluation_key(model.args(), None)

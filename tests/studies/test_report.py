@@ -69,7 +69,7 @@ def test_differences_are_paired_per_prompt_over_its_seeds(tmp_path):
     assert report.compare(results, "Base", "M") == diffs
     assert results["comparisons"] == [{"base": "Base", "method": "M", "differences": diffs}]
     assert report.comparison(results, "Base", "M") == diffs
-    assert results["models"]["M"] == {"configs": ["m.yaml"], "checkpoint": "m.ckpt", "fit": None, "validate": None,
+    assert results["models"]["M"] == {"configs": ["m.yaml"], "overrides": [], "checkpoint": "m.ckpt", "fit": None, "validate": None,
                                       "full_toy": {"per_image": str(tmp_path / "m.jsonl")}}
 
 

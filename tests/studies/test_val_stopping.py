@@ -127,7 +127,8 @@ def test_the_study_trains_first_then_scores_each_chosen_checkpoint_against_the_b
     results = json.loads(out.with_suffix(".json").read_text())
     assert list(results["models"]) == ["Base", "A (step 200)", "B (step 100)"]
     assert results["study"] == "a_study"
-    assert results["settings"] == {"max_steps": 200, "full_per_category": 7, "seeds": 2, "validation_seeds": 3}
+    assert results["settings"] == {"max_steps": 200, "full_per_category": 7, "seeds": 2, "validation_seeds": 3,
+                                   "training_seeds": [0]}
     a = results["models"]["A (step 200)"]
     assert a["arm"] == "A" and a["step"] == 200
     assert a["checkpoint"].endswith("version_0/checkpoints/epoch=0-step=200.ckpt")
@@ -140,3 +141,22 @@ def test_the_study_trains_first_then_scores_each_chosen_checkpoint_against_the_b
     assert "| A | 0.200 | 0.200 (+0.000 [+0.000, +0.000]) | 0.600 (+0.400 [" in text
     assert "50 validation prompts per category, 3 seeds)" in text
     assert (tmp_path / "results" / "study_grid.png").exists()
+
+
+def test_training_seeds_train_each_arm_again_in_its_own_run(tmp_path, stand):
+    run = tmp_path / "runs" / "A"
+    for folder in (run, Path(f"{run}_seed1")):
+        for step in (0, 100):
+            write_step(folder, step, lambda c, i: float(i < 2))
+        (folder / "logs" / "version_0" / "checkpoints").mkdir(parents=True)
+        (folder / "logs" / "version_0" / "checkpoints" / "epoch=0-step=100.ckpt").write_bytes(b"")
+    arms = {"A": harness.Model("A", ("A.yaml",), str(run))}
+    out = tmp_path / "study"
+    val_stopping.main(arms, "unused", 100, "doc", "a_study", ["--out", str(out), "--training-seeds", "0", "1",
+                                                             "--full-per-category", "7", "--seeds", "2"])
+    assert [name for name, *_ in stand.fits] == ["A", "A (training seed 1)"] * 2
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert list(results["models"]) == ["Base", "A (step 100)", "A (training seed 1) (step 100)"]
+    seeded = results["models"]["A (training seed 1) (step 100)"]
+    assert "--model.init_args.seed=1" in seeded["overrides"] and seeded["checkpoint"].startswith(f"{run}_seed1/")
+    assert results["settings"]["training_seeds"] == [0, 1]
