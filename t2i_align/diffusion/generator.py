@@ -36,7 +36,7 @@ from t2i_align.diffusion.attention import (
     install_capture,
     key_value_cache,
 )
-from t2i_align.diffusion.loading import load_sd_components, load_vae
+from t2i_align.diffusion.loading import load_sd_components, load_vae, xl_vae_dtype
 from t2i_align.diffusion.lora import PlainLayers
 from t2i_align.diffusion.policies import GradientPolicy, NoGrad
 from t2i_align.diffusion.sampling import SamplingSettings, step_noise
@@ -334,12 +334,16 @@ class Generator(nn.Module):
         self.text_encoder_2 = None if parts.text_encoder_2 is None else parts.text_encoder_2.requires_grad_(False).eval()
         self.force_zeros_for_empty_prompt = bool(self.is_xl and (parts.pipeline_config or {}).get(
             "force_zeros_for_empty_prompt", True))
-        vae = parts.vae if config.vae is None else load_vae(config.vae, config.revision, dtype=self.weight_dtype)
-        # SDXL's VAE overflows in float16 (its config's force_upcast): kept and run in float32 then, as the SDXL
-        # pipeline decodes (StableDiffusionXLPipeline.__call__, ``needs_upcasting``); an fp16-fixed VAE
-        # (force_upcast false) runs in float16. SD 1.x/2.x keep their VAE as it is, as StableDiffusionPipeline does.
+        vae = parts.vae
+        if config.vae is not None:
+            vae = load_vae(config.vae, dtype=xl_vae_dtype(self.weight_dtype) if self.is_xl else self.weight_dtype)
+        # SDXL's VAE overflows in float16 (its config's force_upcast): loaded (loading.xl_vae_dtype) and run in float32
+        # then, as the SDXL pipeline decodes (StableDiffusionXLPipeline.__call__, ``needs_upcasting``); an fp16-fixed
+        # VAE (force_upcast false) runs in float16. SD 1.x/2.x keep their VAE as it is, as StableDiffusionPipeline does.
         self.vae_upcast = bool(self.is_xl and self.weight_dtype == torch.float16 and vae.config.force_upcast)
-        self.vae = (vae.float() if self.vae_upcast else vae).requires_grad_(False).eval()
+        if self.is_xl and self.weight_dtype == torch.float16 and not self.vae_upcast:
+            vae = vae.to(torch.float16)
+        self.vae = vae.requires_grad_(False).eval()
         self._time_ids: dict = {}  # (rows, height, width, device) -> SDXL's default time ids (one tensor per shape)
         self.unet = parts.unet
         self.scheduler_config = parts.scheduler_config

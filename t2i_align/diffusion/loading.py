@@ -106,6 +106,12 @@ def _refuse_refiner(source: str, index: dict | None) -> None:
                              "(e.g. stabilityai/stable-diffusion-xl-base-1.0); the refiner is not used")
 
 
+def xl_vae_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an SDXL VAE is loaded in: float32 under float16 weights, since SDXL's VAE overflows in float16 and
+    runs in float32 then (``force_upcast``; the generator casts an fp16-fixed VAE back to float16)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def load_vae(source: str, revision: str | None = None, variant: str | None = None,
              dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """An ``AutoencoderKL`` on its own (``GeneratorConfig.vae``: e.g. madebyollin/sdxl-vae-fp16-fix, SDXL's VAE
@@ -159,7 +165,8 @@ def load_sd_components(
             text_encoder=CLIPTextModel.from_pretrained(
                 source, subfolder="text_encoder", revision=revision, variant=variant, dtype=dtype
             ),
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, variant=variant, torch_dtype=dtype),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, variant=variant,
+                                              torch_dtype=xl_vae_dtype(dtype) if xl else dtype),
             unet=UNet2DConditionModel.from_pretrained(
                 source, subfolder="unet", revision=revision, variant=variant, torch_dtype=dtype
             ),
