@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from t2i_align.diffusion.attention import cross_attention_layer_names
 from t2i_align.diffusion.sampling import SamplingSettings
 from t2i_align.diffusion.tokens import find_phrase
 from t2i_align.studies import report
-from t2i_align.studies.harness import BASE, Model, load_module
+from t2i_align.studies.harness import BASE, Model, checkpoint, load_module
 from t2i_align.toyworld.evaluation.scoring import load_items
 from t2i_align.toyworld.experts.judge import ToyJudge
 from t2i_align.toyworld.world import parse_prompt
@@ -77,12 +78,20 @@ def measure(model: Model, per_category: int, batch_size: int = 28) -> dict:
             "chance": float(chance.mean())}
 
 
-def models_of(results_paths: list[str | Path]) -> list[Model]:
-    """The base and each arm's chosen checkpoint of one or more ``val_stopping`` results files."""
+def models_of(results_paths: list[str | Path], steps: Sequence[int] = ()) -> list[Model]:
+    """The base and each arm's chosen checkpoint of one or more ``val_stopping`` results files, and each arm's
+    checkpoints of ``steps`` (where the grounding went with more training, whatever validation chose)."""
     models = [BASE]
     for path in results_paths:
-        models += [Model(name, m["configs"], checkpoint=m["checkpoint"], overrides=m.get("overrides", ()))
-                   for name, m in json.loads(Path(path).read_text())["models"].items() if "curve" in m]
+        for name, m in json.loads(Path(path).read_text())["models"].items():
+            if "curve" not in m:
+                continue
+            chosen = Model(name, m["configs"], checkpoint=m["checkpoint"], overrides=m.get("overrides", ()))
+            models.append(chosen)
+            run_dir = m["checkpoint"].split("/logs/")[0]
+            models += [chosen.replace(name=f"{m.get('arm', name)} (step {step})",
+                                      checkpoint=str(checkpoint(run_dir, step)))
+                       for step in steps if step != m.get("step")]
     return models
 
 
@@ -102,11 +111,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, nargs="+", default=[Path("experiments/results/toyworld_tokencompose.json")],
                    help="val_stopping results files whose chosen checkpoints to measure")
+    p.add_argument("--steps", type=int, nargs="*", default=[],
+                   help="also each arm's checkpoints of these steps (e.g. the last: did grounding move at all?)")
     p.add_argument("--per-category", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("experiments/results/toyworld_attention_in_mask"))
     a = p.parse_args(argv)
-    results = report.new_results("attention_in_mask", {"results": [str(r) for r in a.results], "per_category": a.per_category})
-    for model in models_of(a.results):
+    results = report.new_results("attention_in_mask", {"results": [str(r) for r in a.results], "steps": a.steps,
+                                                      "per_category": a.per_category})
+    for model in models_of(a.results, a.steps):
         report.add_model(results, model, attention=measure(model, a.per_category))
         print(model.name, results["models"][model.name]["attention"], flush=True)
     print(report.write_report(a.out, results, markdown))

@@ -46,3 +46,23 @@ def test_share_of_attention_inside_the_drawn_object(tiny_sd, focused):
             assert r["share"] >= 0.4 and r["share"] > 10 * r["chance"], r  # a small object fills part of its cell
         else:
             assert r["share"] == pytest.approx(r["chance"], rel=1e-5)
+
+
+def test_models_are_the_chosen_checkpoints_and_the_asked_steps(tmp_path):
+    import json
+
+    from t2i_align.studies.attention_in_mask import models_of
+
+    run = tmp_path / "run"
+    folder = run / "logs" / "version_0" / "checkpoints"
+    folder.mkdir(parents=True)
+    for step in (100, 500, 1000):
+        (folder / f"epoch=0-step={step}.ckpt").write_bytes(b"")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"models": {
+        "Base": {"configs": ["b.yaml"], "checkpoint": None},
+        "A (step 500)": {"configs": ["a.yaml"], "checkpoint": str(folder / "epoch=0-step=500.ckpt"), "curve": {},
+                         "arm": "A", "step": 500, "overrides": ["--x=1"]}}}))
+    models = models_of([results], steps=[500, 1000])
+    assert [m.name for m in models] == ["Base", "A (step 500)", "A (step 1000)"]  # the chosen step is not repeated
+    assert models[2].checkpoint.endswith("step=1000.ckpt") and models[2].overrides == ("--x=1",)
