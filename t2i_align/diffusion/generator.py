@@ -124,25 +124,25 @@ class XLCondition:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "XLCondition":
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> XLCondition:
         return XLCondition(fn(self.hidden), fn(self.pooled), None if self.time_ids is None else fn(self.time_ids))
 
-    def __getitem__(self, index) -> "XLCondition":
+    def __getitem__(self, index) -> XLCondition:
         if not isinstance(index, (slice, int, list, torch.Tensor)):
             raise TypeError(f"an XLCondition is indexed along its batch only, got {index!r}")
         return self._map(lambda t: t[index:index + 1] if isinstance(index, int) else t[index])
 
-    def expand(self, batch: int, *_: int) -> "XLCondition":
+    def expand(self, batch: int, *_: int) -> XLCondition:
         """Each part expanded to ``batch`` rows (``cond.expand(n, -1, -1)`` as on a tensor)."""
         return self._map(lambda t: t.expand(batch, *t.shape[1:]))
 
-    def expand_as(self, other: "XLCondition") -> "XLCondition":
+    def expand_as(self, other: XLCondition) -> XLCondition:
         return self.expand(len(other))
 
-    def to(self, *args, **kwargs) -> "XLCondition":
+    def to(self, *args, **kwargs) -> XLCondition:
         return self._map(lambda t: t.to(*args, **kwargs))
 
-    def detach(self) -> "XLCondition":
+    def detach(self) -> XLCondition:
         return self._map(torch.Tensor.detach)
 
     @property
@@ -158,7 +158,7 @@ class XLCondition:
         return self.hidden.dtype
 
     @staticmethod
-    def cat(parts: Sequence["XLCondition"]) -> "XLCondition":
+    def cat(parts: Sequence[XLCondition]) -> XLCondition:
         """Parts stacked along the batch (their ``time_ids`` all given or all None)."""
         ids = [p.time_ids for p in parts]
         if any(i is None for i in ids) and not all(i is None for i in ids):
@@ -167,7 +167,7 @@ class XLCondition:
                            None if ids[0] is None else torch.cat(ids))
 
 
-def cat_conditions(parts: Sequence) -> "torch.Tensor | XLCondition":
+def cat_conditions(parts: Sequence) -> torch.Tensor | XLCondition:
     """Conditions (all tensors or all :class:`XLCondition`) stacked along the batch."""
     if isinstance(parts[0], XLCondition):
         return XLCondition.cat(parts)
@@ -313,7 +313,8 @@ def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
 
 
 class Generator(nn.Module):
-    """Tokenizer, text encoder, VAE and UNet of a Stable Diffusion pipeline.
+    """Tokenizer, text encoder, VAE and UNet of a Stable Diffusion pipeline (SDXL: both tokenizers and text
+    encoders; prompts encode to an :class:`XLCondition`).
 
     Only the UNet (its LoRA, or all of it) is trainable. Text encoder and VAE are frozen and kept in
     ``weight_dtype``; trainable parameters stay float32 and the forward runs under autocast when
@@ -365,7 +366,7 @@ class Generator(nn.Module):
         self.fast_sampling = True
         keep_freed_memory()
 
-    def base_model(self) -> "Generator":
+    def base_model(self) -> Generator:
         """This LoRA generator's frozen base model as another :class:`Generator`: the same tokenizer, text encoder,
         VAE and UNet weights (the same tensors: nothing is copied or loaded), its UNet a module tree of its own
         without the LoRA wrappers (the function of ``unet.disable_adapters()``, bit for bit) and with SDPA attention

@@ -86,7 +86,7 @@ def pipeline_index(source: str, revision: str | None = None) -> dict | None:
 
     try:
         return dict(_Index.load_config(source, revision=revision))
-    except (OSError, ValueError, EnvironmentError):
+    except (OSError, ValueError):  # no model_index.json: an SD folder laid out by hand, checked below
         return None
 
 
@@ -153,13 +153,13 @@ def load_sd_components(
     try:
         xl_parts = {}
         if xl:
-            xl_parts = dict(
-                tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", revision=revision),
-                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+            xl_parts = {
+                "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", revision=revision),
+                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
                     source, subfolder="text_encoder_2", revision=revision, variant=variant, dtype=dtype
                 ),
-                pipeline_config=index or {},
-            )
+                "pipeline_config": index or {},
+            }
         return SDComponents(
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision),
             text_encoder=CLIPTextModel.from_pretrained(

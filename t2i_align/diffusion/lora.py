@@ -38,7 +38,12 @@ def export_lora(generator: Generator, out_dir: str | Path) -> Path:
     ``convert_state_dict_to_diffusers``: it rewrites only the attention projections to the older ``lora.down`` /
     ``lora.up`` form (PEFT_TO_DIFFUSERS in diffusers/utils/state_dict_utils.py), and ``load_lora_adapter``
     (diffusers/loaders/peft.py) picks the format of the whole file from its first key, so with adapters beyond
-    attention the attention ones were silently dropped on loading (issue 24)."""
+    attention the attention ones were silently dropped on loading (issue 24).
+
+    SDXL: the same file is what ``StableDiffusionXLPipeline.load_lora_weights`` reads (diffusers
+    loaders/lora_pipeline.py: ``StableDiffusionXLLoraLoaderMixin.save_lora_weights`` writes the UNet's layers under the
+    same ``unet.`` prefix, and its ``load_lora_weights`` hands them to the same ``load_lora_into_unet``;
+    tests/diffusion/test_sdxl.py reloads an export there)."""
     if generator.config.lora is None:
         raise ValueError("export_lora needs a LoRA generator; this one fine-tunes the full UNet")
     layers = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(generator.unet).items()}

@@ -117,11 +117,11 @@ def save_random_sd15(path: str | Path, seed: int = 0) -> Path:
 # ------------------------------------------------------------------------------------------------------------ SDXL
 #: SDXL base 1.0's scheduler_config.json (stabilityai/stable-diffusion-xl-base-1.0, scheduler/): an Euler scheduler
 #: with SD's scaled-linear betas and "leading" spacing; our samplers build DDIM/DDPM from it as from SD's PNDM config.
-SDXL_SCHEDULER_CONFIG = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
-    timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon", use_karras_sigmas=False,
-    sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False,
-)
+SDXL_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+    "timestep_spacing": "leading", "interpolation_type": "linear", "prediction_type": "epsilon", "use_karras_sigmas": False,
+    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "clip_sample": False,
+}
 #: SDXL's VAE latent scale (stabilityai/stable-diffusion-xl-base-1.0, vae/config.json "scaling_factor")
 SDXL_SCALING_FACTOR = 0.13025
 
@@ -144,23 +144,23 @@ def sdxl_unet_config(tiny: bool) -> dict:
     ``addition_time_embed_dim``)."""
     if tiny:
         text_dim, pooled_dim, time_dim = 32 + 32, 32, 8
-        return dict(
-            sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(16, 32, 32), layers_per_block=1, transformer_layers_per_block=(1, 1, 2),
-            attention_head_dim=(2, 4, 4), cross_attention_dim=text_dim, norm_num_groups=8,
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
-        )
-    return dict(
-        sample_size=128, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20), cross_attention_dim=2048, norm_num_groups=32, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    )
+        return {
+            "sample_size": TINY_RESOLUTION // 2, "in_channels": 4, "out_channels": 4,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "block_out_channels": (16, 32, 32), "layers_per_block": 1, "transformer_layers_per_block": (1, 1, 2),
+            "attention_head_dim": (2, 4, 4), "cross_attention_dim": text_dim, "norm_num_groups": 8,
+            "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
+            "projection_class_embeddings_input_dim": 6 * time_dim + pooled_dim,
+        }
+    return {
+        "sample_size": 128, "in_channels": 4, "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": (320, 640, 1280), "layers_per_block": 2, "transformer_layers_per_block": (1, 2, 10),
+        "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048, "norm_num_groups": 32, "use_linear_projection": True,
+        "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+    }
 
 
 def sdxl_text_configs(tokenizer, tiny: bool):
@@ -168,8 +168,8 @@ def sdxl_text_configs(tokenizer, tiny: bool):
     1280-d projection), or of two tiny ones (32-d hidden states each, concatenated to the UNet's 64)."""
     from transformers import CLIPTextConfig
 
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
     if tiny:
         small = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, **ids)
@@ -187,13 +187,13 @@ def sdxl_vae_config(tiny: bool) -> dict:
     """AutoencoderKL arguments of SDXL's VAE (SD's architecture, ``scaling_factor`` 0.13025, ``force_upcast``: it
     overflows in float16), or of a tiny one with the same scale and flag."""
     if tiny:
-        return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-                    latent_channels=4, norm_num_groups=8, sample_size=TINY_RESOLUTION,
-                    scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True)
-    return dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=1024,
-                scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True)
+        return {"in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 2,
+                    "up_block_types": ("UpDecoderBlock2D",) * 2, "block_out_channels": (16, 32), "layers_per_block": 1,
+                    "latent_channels": 4, "norm_num_groups": 8, "sample_size": TINY_RESOLUTION,
+                    "scaling_factor": SDXL_SCALING_FACTOR, "force_upcast": True}
+    return {"down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+                "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4, "sample_size": 1024,
+                "scaling_factor": SDXL_SCALING_FACTOR, "force_upcast": True}
 
 
 def build_sdxl_components(seed: int = 0, tiny: bool = True) -> dict:
