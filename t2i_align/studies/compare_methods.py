@@ -57,6 +57,13 @@ METHODS = {m.name: m for m in (
     Model("ReFL (caption reward, CoMat's setup)", (REFL, TOYWORLD, "configs/experiment/toyworld_refl_caption.yaml",
                                                   "configs/experiment/toyworld_refl_caption_wide.yaml"),
           "runs/toyworld_refl_caption_wide"),
+    # the two changes of CoMat's setup one at a time: the evaluation's sampler, then CoMat's adapters
+    Model("ReFL (caption reward, evaluation sampler)", (REFL, TOYWORLD, "configs/experiment/toyworld_refl_caption.yaml",
+                                                       "configs/experiment/toyworld_refl_eval_sampler.yaml"),
+          "runs/toyworld_refl_eval_sampler"),
+    Model("ReFL (caption reward, CoMat's adapters)", (REFL, TOYWORLD, "configs/experiment/toyworld_refl_caption.yaml",
+                                                     "configs/experiment/toyworld_refl_wide_lora.yaml"),
+          "runs/toyworld_refl_wide_lora"),
     Model("ARL", (ARL, TOYWORLD, "configs/experiment/toyworld_arl.yaml"), "runs/toyworld_arl"),
     # the positive controls: a colour oracle as ReFL's reward, the judge keeping ARL's candidate
     Model("ReFL (oracle reward)", (REFL, TOYWORLD, "configs/experiment/toyworld_refl_oracle.yaml"),
