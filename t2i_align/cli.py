@@ -47,8 +47,8 @@ from t2i_align.runs import (
 )
 
 DESCRIPTION = (
-    "Fine-tune text-to-image diffusion models for text-image alignment (ReFL, ARL, ... on SD 1.x/2.x and "
-    "ToyWorld) and compare them. Stack YAML files with --config (configs/trainer, method, model, data, logger, "
+    "Fine-tune text-to-image diffusion models for text-image alignment (ReFL, ARL, ... on SD 1.x/2.x, SDXL "
+    "and ToyWorld) and compare them. Stack YAML files with --config (configs/trainer, method, model, data, logger, "
     "experiment); `t2i-align fit --config ... --help` describes every parameter of the chosen classes. "
     "--ckpt_path last resumes the newest checkpoint of the run (last_or_new: or starts a new one); "
     "--ckpt_path fork:X.ckpt continues from a checkpoint of another configuration with this one's settings."

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,14 +28,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def pipeline_folder(model_dir, scratch, sd15: bool):
-    """The random-weight pipeline a benchmark loads: ``model_dir`` when it already holds one (``model_index.json``;
-    the GPU check builds SD1.5 once for all its checks), else a new one written there or under ``scratch``."""
-    from pathlib import Path
+#: Model sizes of the benchmarks: tiny ones for CPU smoke checks, full-size ones with random weights (the cost of
+#: the real models; nothing downloaded) for GPU timing.
+SIZES = ("tiny", "sd15", "tiny-sdxl", "sdxl")
+FULL_SIZES = ("sd15", "sdxl")
+XL_SIZES = ("tiny-sdxl", "sdxl")
+#: What a folder of each size holds: the pipeline class (model_index.json) and the UNet's sample_size (its config)
+_KINDS = {"tiny": ("StableDiffusionPipeline", 16), "sd15": ("StableDiffusionPipeline", 64),
+          "tiny-sdxl": ("StableDiffusionXLPipeline", 16), "sdxl": ("StableDiffusionXLPipeline", 128)}
 
-    from t2i_align.diffusion.tiny import save_random_sd15, save_tiny_pipeline
 
+def pipeline_folder(model_dir, scratch, size: str):
+    """The random-weight pipeline of ``size`` (one of :data:`SIZES`) a benchmark loads: ``model_dir`` when it
+    already holds one (``model_index.json``; the GPU check builds it once for all its checks), else a new one
+    written there or under ``scratch``. A folder that holds another size's pipeline is refused (it would time the
+    wrong model)."""
+    from t2i_align.diffusion import tiny
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}: one of {SIZES}")
     folder = Path(model_dir) if model_dir else Path(scratch) / "sd"
     if (folder / "model_index.json").exists():
+        kind = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+        unet = folder / "unet" / "config.json"
+        sample_size = json.loads(unet.read_text()).get("sample_size") if unet.exists() else None
+        if (kind, sample_size) != _KINDS[size]:
+            raise ValueError(f"{folder} holds a {kind} with UNet sample_size {sample_size}, not the {size} pipeline "
+                             f"({_KINDS[size][0]}, sample_size {_KINDS[size][1]}): give another --model-dir")
         return folder
-    return save_random_sd15(folder) if sd15 else save_tiny_pipeline(folder)
+    build = {"tiny": tiny.save_tiny_pipeline, "sd15": tiny.save_random_sd15,
+             "tiny-sdxl": tiny.save_tiny_sdxl_pipeline, "sdxl": tiny.save_random_sdxl}[size]
+    return build(folder)

@@ -3,6 +3,9 @@
     python experiments/benchmarks/gpu_check.py --out runs/gpu_check          # one CUDA GPU: SD1.5 size (planned: 8 min)
     # the random SD1.5 pipeline (~4 GB) is written once, into --model-dir (default: under --out)
     python experiments/benchmarks/gpu_check.py --smoke --out /tmp/gpu_check  # CPU, tiny models (CI runs this)
+    python experiments/benchmarks/gpu_check.py --model sdxl --out runs/gpu_check_sdxl --checks comat_step refl_step \
+        tokencompose_step fine_stage                                          # one CUDA GPU: SDXL size, 1024 px
+    # the random SDXL pipeline (~7 GB in float16, minutes to build on the CPU) is written once, into --model-dir
 
 Random weights at SD1.5 size (the same cost as the real ones; nothing is downloaded). Each check runs in its own
 process with a time limit, so an out-of-memory error, a CUDA fault or a hang is recorded and the next check runs;
@@ -24,6 +27,13 @@ the report is ``gpu_check.json`` + ``gpu_check.md`` in ``--out``. The checks:
   t2i_align that makes the host wait for the GPU, with its count.
 
 In ``--smoke`` mode the same checks run on CPU with tiny models; those that need CUDA say "skipped".
+
+``--model sdxl`` (default ``sd15``) runs the checks at SDXL base's size instead (random weights of
+``save_random_sdxl``, 1024 px; in ``--smoke`` mode the tiny SDXL pipeline): ``comat_step`` at CoMat-SDXL's batch 6
+(the paper's Table 8), ``refl_step`` at batch 4, ``tokencompose_step`` at batch 1, ``fine_stage`` at batch 8, all at
+1024 px; gradient checkpointing on where there is a backward pass (as configs/model/sdxl.yaml). ``sync_audit`` then
+audits the SDXL pipeline; ``versions``, ``gpu_tests`` and ``fid_offline`` do not depend on the model. None of the
+SDXL-size checks has run on a GPU yet: their time limits (``LIMITS_S_SDXL``) are estimates, not measurements.
 """
 
 from __future__ import annotations
@@ -49,6 +59,12 @@ CHECKS = ("versions", "comat_step", "refl_step", "tokencompose_step", "fine_stag
           "sync_audit")
 LIMITS_S = {"versions": 60, "comat_step": 240, "refl_step": 150, "tokencompose_step": 150, "fine_stage": 150,
             "gpu_tests": 240, "fid_offline": 60, "sync_audit": 120}  # per check, on the GPU; x3 in smoke mode
+# --model sdxl: UNMEASURED (no SDXL-size check has run on a GPU yet). SDXL's UNet costs ~3x SD1.5's per step at the same
+# latent size and 1024 px has 4x SD1.5's latent pixels (attention more), the pipeline to load is ~7 GB, and CoMat runs
+# batch 6 instead of 4: the model-bound checks get larger limits. Replace these with measured times + margin.
+LIMITS_S_SDXL = {**LIMITS_S, "comat_step": 600, "refl_step": 450, "tokencompose_step": 300, "fine_stage": 450,
+                 "sync_audit": 300}
+MODELS = ("sd15", "sdxl")
 
 
 class Skip(Exception):
@@ -68,6 +84,16 @@ def cuda_device(a):
     import torch
 
     return torch.device("cuda" if not a.smoke else "cpu")
+
+
+def size(a) -> str:
+    """The benchmark size (``_timing.SIZES``) of this run: ``--model`` at full size, or its tiny one in smoke mode."""
+    return {("sd15", False): "sd15", ("sd15", True): "tiny", ("sdxl", False): "sdxl", ("sdxl", True): "tiny-sdxl"}[
+        (a.model, a.smoke)]
+
+
+def xl(a) -> bool:
+    return a.model == "sdxl"
 
 
 def need_cuda(a) -> None:
@@ -99,31 +125,32 @@ def check_versions(a) -> dict:
 def check_comat_step(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "comat.json"
-        args = ["--device", str(cuda_device(a)), "--out", str(out), "--model-dir", a.model_dir]
+        args = ["--device", str(cuda_device(a)), "--out", str(out), "--model-dir", a.model_dir, "--size", size(a)]
+        # the size's defaults: SD1.5 batch 4 at 512 px; SDXL batch 6 (Table 8) at 1024 px, gradient checkpointing
         args += (["--steps", "1", "--warmup", "1", "--num-inference-steps", "4", "--num-grad-steps", "2",
-                  "--grad-stride", "2"] if a.smoke else ["--size", "sd15", "--steps", "3", "--warmup", "1"])
+                  "--grad-stride", "2"] if a.smoke else ["--steps", "3", "--warmup", "1"])
         script("comat_step").main(args)
         r = json.loads(out.read_text())
     return {k: r[k] for k in ("size", "batch", "resolution", "dtype", "num_inference_steps", "num_grad_steps",
-                              "sec_per_iteration", "peak_memory_gib", "fraction_of_peak", "nonfinite_iterations",
-                              "target")}
+                              "gradient_checkpointing", "sec_per_iteration", "peak_memory_gib", "fraction_of_peak",
+                              "nonfinite_iterations", "target")}
 
 
 def check_refl_step(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "refl.json"
-        args = ["--device", str(cuda_device(a)), "--out", str(out), "--model-dir", a.model_dir]
+        args = ["--device", str(cuda_device(a)), "--out", str(out), "--model-dir", a.model_dir, "--size", size(a)]
         args += (["--steps", "1", "--num-inference-steps", "4", "--min-step", "1", "--max-step", "3"] if a.smoke
-                 else ["--size", "sd15", "--steps", "3"])
+                 else ["--steps", "3"])  # the size's defaults: batch 4; 512 px SD1.5, 1024 px SDXL
         script("refl_step").main(args)
         r = json.loads(out.read_text())
-    return {k: r[k] for k in ("size", "batch", "resolution", "dtype", "lora_rank", "sec_per_step", "peak_memory_gib",
-                              "fraction_of_peak")}
+    return {k: r[k] for k in ("size", "batch", "resolution", "dtype", "lora_rank", "gradient_checkpointing",
+                              "sec_per_step", "peak_memory_gib", "fraction_of_peak")}
 
 
 def build_pipeline(a, folder: Path) -> str:
-    """The random pipeline the parent built once (``--model-dir``); ``folder`` if none was given."""
-    return str(script("_timing").pipeline_folder(a.model_dir, folder.parent, not a.smoke))
+    """The random pipeline of this run's size the parent built once (``--model-dir``); ``folder`` if none was given."""
+    return str(script("_timing").pipeline_folder(a.model_dir, folder.parent, size(a)))
 
 
 def check_tokencompose_step(a) -> dict:
@@ -136,20 +163,22 @@ def check_tokencompose_step(a) -> dict:
     from t2i_align.lightning_modules.tokencompose import TokenCompose
 
     device = cuda_device(a)
-    resolution, warmup, steps = (32, 1, 1) if a.smoke else (512, 2, 4)
+    resolution, warmup, steps = (32, 1, 1) if a.smoke else (1024 if xl(a) else 512, 2, 4)
     timer = script("comat_step").IterationTimer(device, warmup, steps)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pairs = write_shape_pairs(tmp / "pairs", count=8, size=resolution)
+        # SDXL: the whole 2.6 B UNet in float32 with AdamW is ~42 GB before activations: gradient checkpointing on
         module = TokenCompose(generator=GeneratorConfig(pretrained=build_pipeline(a, tmp / "sd"), lora=None,
-                                                        weight_dtype="float32"))
+                                                        weight_dtype="float32", gradient_checkpointing=xl(a)))
         data = T2IDataModule(train_pairs=PairSource(str(pairs)), batch_size=1, resolution=resolution)
         trainer = L.Trainer(max_steps=warmup + steps + 1, accelerator=device.type, devices=1,
                             precision="bf16-mixed", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                             callbacks=[timer], default_root_dir=tmp)
         trainer.fit(module, datamodule=data)
-    return {"resolution": resolution, "batch": 1, "weights": "float32, whole UNet", "precision": "bf16-mixed",
+    return {"size": size(a), "resolution": resolution, "batch": 1, "weights": "float32, whole UNet",
+            "precision": "bf16-mixed", "gradient_checkpointing": module.generator.config.gradient_checkpointing,
             "sec_per_update": sorted(timer.times)[len(timer.times) // 2],
             "peak_memory_gib": None if timer.peak_bytes is None else timer.peak_bytes / 2**30}
 
@@ -185,7 +214,7 @@ def check_fine_stage(a) -> dict:
     from t2i_align.lightning_modules.fine_stage import FineStage
 
     device = cuda_device(a)
-    batch, resolution, steps = (2, 32, 4) if a.smoke else (8, 512, 25)
+    batch, resolution, steps = (2, 32, 4) if a.smoke else (8, 1024 if xl(a) else 512, 25)
     experts = LeftHalf()
     with tempfile.TemporaryDirectory() as tmp:
         dtype = "float32" if a.smoke else "bfloat16"
@@ -205,7 +234,7 @@ def check_fine_stage(a) -> dict:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - tic
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"batch": batch, "resolution": resolution, "num_inference_steps": steps, "weights": dtype,
+    return {"size": size(a), "batch": batch, "resolution": resolution, "num_inference_steps": steps, "weights": dtype,
             "sec_per_image": seconds / batch, "peak_memory_gib": peak}
 
 
@@ -260,7 +289,7 @@ def check_sync_audit(a) -> dict:
     refl_step = script("refl_step")
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_pipeline(a, Path(tmp) / "sd")
-        reward = CLIPReward(refl_step.save_reward_clip(Path(tmp) / "clip", "sd15"))
+        reward = CLIPReward(refl_step.save_reward_clip(Path(tmp) / "clip", size(a)))
         module = ReFL(generator=GeneratorConfig(pretrained=folder, lora=LoraSettings(rank=4), weight_dtype="bfloat16"),
                       reward=reward, sampling=SamplingSettings(num_inference_steps=10, guidance_scale=1.0,
                                                                scheduler="ddpm"), min_step=6, max_step=9).cuda()
@@ -311,11 +340,11 @@ def run_one(name: str, a) -> dict:
 
 def run_isolated(name: str, a) -> dict:
     """One check in a child process with a time limit (an OOM, a CUDA fault or a hang stays in the child)."""
-    limit = LIMITS_S[name] * (3 if a.smoke else 1)
+    limit = (LIMITS_S_SDXL if xl(a) else LIMITS_S)[name] * (3 if a.smoke else 1)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--row", str(out)]
-        cmd += (["--smoke"] if a.smoke else []) + ["--model-dir", a.model_dir]
+        cmd += (["--smoke"] if a.smoke else []) + ["--model", a.model, "--model-dir", a.model_dir]
         tic = time.perf_counter()
         try:
             child = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
@@ -347,19 +376,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checks", nargs="*", default=list(CHECKS), choices=CHECKS)
     p.add_argument("--only", choices=CHECKS, help=argparse.SUPPRESS)  # the child process of one check
     p.add_argument("--row", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=MODELS, default="sd15",
+                   help="the base model's size: SD1.5 (512 px) or SDXL base (1024 px); --smoke: its tiny version")
     p.add_argument("--model-dir", help="the random pipeline's folder (default: built once under --out)")
     a = p.parse_args(argv)
     if a.only:
         row = run_one(a.only, a)
         a.row.write_text(json.dumps(row, default=str))
         return row
-    report = {"mode": "smoke (CPU, tiny)" if a.smoke else "GPU, SD1.5 size", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    mode = {"tiny": "smoke (CPU, tiny)", "tiny-sdxl": "smoke (CPU, tiny SDXL)", "sd15": "GPU, SD1.5 size",
+            "sdxl": "GPU, SDXL size"}[size(a)]
+    report = {"mode": mode, "model": a.model, "size": size(a), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "checks": {}}
     a.out.mkdir(parents=True, exist_ok=True)
-    if a.model_dir is None:  # one random pipeline for every check (SD1.5 size: ~4 GB written once, not per check)
-        a.model_dir = str(a.out / ("tiny_random" if a.smoke else "sd15_random"))
+    if a.model_dir is None:  # one random pipeline for every check (SD1.5 size: ~4 GB, SDXL ~7 GB, written once)
+        a.model_dir = str(a.out / f"{size(a)}_random")
         tic = time.perf_counter()
-        script("_timing").pipeline_folder(a.model_dir, a.out, not a.smoke)
+        script("_timing").pipeline_folder(a.model_dir, a.out, size(a))
         report["model_dir"] = {"path": a.model_dir, "seconds": round(time.perf_counter() - tic, 1)}
     for name in a.checks:
         row = run_isolated(name, a)

@@ -3,11 +3,20 @@ optimizer step) and report seconds per step, peak memory and the achieved fracti
 rate (measured here with a large matmul in the training dtype).
 
     python experiments/benchmarks/refl_step.py --size sd15 --device cuda --batch 4   # GPU: SD1.5 size, 512 px
+    python experiments/benchmarks/refl_step.py --size sdxl --device cuda             # GPU: SDXL size, 1024 px
     python experiments/benchmarks/refl_step.py                                         # CPU smoke check, tiny model
+    python experiments/benchmarks/refl_step.py --size tiny-sdxl                        # CPU smoke check, tiny SDXL
 
 SD1.5-size models are built with random weights (same cost as the real ones; no network needed); the reward
 is a CLIP ViT-L/14-size CLIPReward. Batch per device, resolution and step window follow configs/method/refl.yaml
 unless overridden.
+
+SDXL size (``--size sdxl``): the SDXL-base pipeline of ``save_random_sdxl`` (2.6 B UNet; written once, ~7 GB in
+float16, into ``--model-dir`` or a temporary folder), the same CLIP ViT-L/14-size reward, 1024 px (SDXL's own
+resolution: sampling and the L_pre pairs), the whole UNet trained (``--lora-rank 0``, as at SD1.5 size) and gradient
+checkpointing on (as configs/model/sdxl.yaml; ``--no-gradient-checkpointing`` turns it off). Batch 4 is our choice:
+the SD1.5 benchmark's batch per device; neither ImageReward nor RealignDiff trains on SDXL, so no paper gives one.
+``--size tiny-sdxl``: the tiny SDXL pipeline (``save_tiny_sdxl_pipeline``), for CPU smoke checks.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import peak_flops, pipeline_folder, sync
+from _timing import FULL_SIZES, SIZES, XL_SIZES, peak_flops, pipeline_folder, sync
 
 
 def save_reward_clip(folder: Path, size: str) -> str:
@@ -35,7 +44,7 @@ def save_reward_clip(folder: Path, size: str) -> str:
     from t2i_align.toyworld.experts.clip_model import image_processor
 
     tokenizer = CLIPTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
-    if size == "sd15":  # ViT-L/14 at 224 px
+    if size in FULL_SIZES:  # ViT-L/14 at 224 px
         text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
         vision = dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                       num_attention_heads=16)
@@ -54,15 +63,18 @@ def save_reward_clip(folder: Path, size: str) -> str:
     return str(folder)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the size's defaults filled in where an option was not given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
+    p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=None, help="prompts (and pairs) per step (default 4 sd15, 2 tiny)")
-    p.add_argument("--resolution", type=int, default=None, help="default 512 sd15, 32 tiny")
+    p.add_argument("--batch", type=int, default=None,
+                   help="prompts (and pairs) per step (default 4 sd15 and sdxl, 2 tiny)")
+    p.add_argument("--resolution", type=int, default=None, help="default 512 sd15, 1024 sdxl, 32 tiny")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="frozen weights / autocast")
     p.add_argument("--lora-rank", type=int, default=0, help="0: full UNet (ImageReward / RealignDiff)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on at the SDXL sizes, off otherwise")
     p.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps")
     p.add_argument("--num-inference-steps", type=int, default=40)
     p.add_argument("--min-step", type=int, default=30)
@@ -70,25 +82,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="write the numbers as JSON")
     p.add_argument("--model-dir", help="load the random pipeline from this folder (written there first if empty)")
     a = p.parse_args(argv)
+    if a.batch is None:
+        a.batch = 4 if a.size in FULL_SIZES else 2
+    if a.resolution is None:
+        a.resolution = {"sd15": 512, "sdxl": 1024}.get(a.size, 32)
+    if a.gradient_checkpointing is None:  # as configs/model/sdxl.yaml
+        a.gradient_checkpointing = a.size in XL_SIZES
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
 
     from t2i_align.diffusion.generator import GeneratorConfig, LoraSettings
     from t2i_align.diffusion.sampling import SamplingSettings
     from t2i_align.lightning_modules.refl import ReFL
     from t2i_align.rewards import CLIPReward
 
-    sd15 = a.size == "sd15"
-    batch = a.batch or (4 if sd15 else 2)
-    resolution = a.resolution or (512 if sd15 else 32)
+    batch, resolution, checkpointing, xl = a.batch, a.resolution, a.gradient_checkpointing, a.size in XL_SIZES
     dtype_name = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     device = torch.device(a.device)
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
-        folder = pipeline_folder(a.model_dir, tmp, sd15)
+        folder = pipeline_folder(a.model_dir, tmp, a.size)
         reward = CLIPReward(save_reward_clip(Path(tmp) / "clip", a.size))
         lora = LoraSettings(rank=a.lora_rank) if a.lora_rank else None
         config = GeneratorConfig(pretrained=str(folder), lora=lora, weight_dtype=dtype_name,
-                                 gradient_checkpointing=a.gradient_checkpointing)
-        sampling = SamplingSettings(num_inference_steps=a.num_inference_steps, guidance_scale=1.0, scheduler="ddpm")
+                                 gradient_checkpointing=checkpointing)
+        sampling = SamplingSettings(num_inference_steps=a.num_inference_steps, guidance_scale=1.0, scheduler="ddpm",
+                                    resolution=resolution)
         module = ReFL(generator=config, reward=reward, sampling=sampling, min_step=a.min_step,
                       max_step=a.max_step).to(device)
         module.experts.to(device)  # the reward is not a child of the module: what on_fit_start does under Lightning
@@ -125,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "size": a.size, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": batch, "resolution": resolution, "dtype": dtype_name, "lora_rank": a.lora_rank,
-        "gradient_checkpointing": a.gradient_checkpointing, "num_inference_steps": a.num_inference_steps,
+        "gradient_checkpointing": checkpointing, "num_inference_steps": a.num_inference_steps, "sdxl": xl,
         "sec_per_step": seconds, "sec_per_step_all": times,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "tflop_per_step": flops / 1e12, "achieved_tflops": flops / seconds / 1e12, "peak_tflops_measured": peak / 1e12,

@@ -1,6 +1,7 @@
 """CoMat on tiny models: where L_i2t's gradient enters, the discriminator's real latents, mixed latents'
 starting step, attention recorded at r of the K grad steps, and one full training step (G and D both change,
-D learns from detached fakes). The CLI, resume, export and DDP are the contract test's
+D learns from detached fakes), on SD and on SDXL (the discriminator's SDXL conditioning, the captioner's [0, 1]
+images, the real latents' recipe). The CLI, resume, export and DDP are the contract test's
 (tests/training/test_method_contract.py)."""
 
 from __future__ import annotations
@@ -218,6 +219,19 @@ def test_configs_state_detach_input(config):
     assert yaml.safe_load(text)["model"]["init_args"]["detach_input"] is False  # the public SD1.5 code's choice
 
 
+def test_comat_sdxl_config_has_the_papers_sdxl_settings():
+    import yaml
+
+    from tests.helpers import REPO_ROOT
+
+    config = yaml.safe_load((Path(REPO_ROOT) / "configs/experiment/comat_sdxl.yaml").read_text())
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert model["detach_input"] is True  # CoMat's SDXL code
+    assert model["adversarial_weight"] == 0.5 and model["optimizer"]["init_args"]["lr"] == 2e-5  # Table 8, SDXL
+    assert data["batch_size"] == 6 and round(model["mix_ratio"] * data["batch_size"]) == 2  # batch 6, GT batch 2
+    assert model["generator"]["lora"]["rank"] == model["discriminator_lora"]["rank"] == 128
+
+
 @pytest.mark.parametrize("pair_resolution, sampling_resolution", [(64, None), (32, 64)],
                          ids=["pairs larger than the model's resolution", "pairs smaller (SD2.1: 512 data, 768 model)"])
 def test_mixed_latents_resize_real_images_to_the_sampling_resolution(tiny_sd, captioner, tiny_pairs, pair_resolution,
@@ -281,3 +295,127 @@ def test_activation_checkpointing_keeps_the_gradients_and_saves_memory(tiny_sd, 
     for a, b in zip(grads[False], grads[True]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
     assert graph[True] < 0.8 * graph[False]
+
+
+# ------------------------------------------------------------------------------------------------------ SDXL
+def test_sdxl_discriminator_gets_the_empty_prompts_sdxl_condition(tiny_sdxl, captioner):
+    # SDXL's UNet (and so the discriminator, a copy of it) needs the pooled embedding and the size/crop ids besides
+    # the hidden states: the empty prompt's (CoMat's SDXL discriminator reads the negative prompt's, gan_sdxl.py)
+    from t2i_align.diffusion.generator import XLCondition
+
+    module = make(tiny_sdxl, captioner, steps=4, adversarial_weight=0.5, discriminator_lora=LoraSettings(rank=2))
+    empty = module.generator.empty_embedding()
+    assert isinstance(empty, XLCondition)
+    seen = []
+    original = module.discriminator.unet.forward
+
+    def spy(latents, t, **kwargs):
+        seen.append(kwargs)
+        return original(latents, t, **kwargs)
+
+    module.discriminator.unet.forward = spy
+    latents = torch.randn(3, 4, 8, 12)  # not square: height and width land in their own ids
+    logits = module.discriminate(latents)
+    assert logits.shape == (3, 1, 8, 12)
+    [kwargs] = seen
+    torch.testing.assert_close(kwargs["encoder_hidden_states"], empty.hidden.expand(3, -1, -1))
+    added = kwargs["added_cond_kwargs"]
+    torch.testing.assert_close(added["text_embeds"], empty.pooled.expand(3, -1))
+    h, w = (8 * module.generator.vae_scale_factor, 12 * module.generator.vae_scale_factor)
+    torch.testing.assert_close(added["time_ids"], torch.tensor([[h, w, 0, 0, h, w]] * 3, dtype=torch.float32))
+    # the logits follow the pooled embedding: the added condition reaches the discriminator's UNet
+    shifted = XLCondition(empty.hidden, empty.pooled + 1.0)
+    module.generator._empty_embedding = shifted
+    assert not torch.allclose(module.discriminate(latents), logits)
+
+
+def test_sdxl_real_latents_are_the_frozen_models_and_the_recipe_has_their_shape(tiny_sdxl, captioner):
+    module = make(tiny_sdxl, captioner, steps=4, adversarial_weight=0.5, discriminator_lora=LoraSettings(rank=2))
+    with torch.no_grad():
+        for name, p in module.generator_trainable().items():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+        online = module.generator.sample(PROMPTS, SEEDS, decode=False, sampling=module.sampling).latents
+        real = module.real_latents(PROMPTS, SEEDS)
+        base = Generator(GeneratorConfig(tiny_sdxl, lora=None)).sample(PROMPTS, SEEDS, decode=False,
+                                                                         sampling=module.sampling)
+    torch.testing.assert_close(real, base.latents, atol=1e-5, rtol=0)
+    assert (online - real).abs().max() > 1e-3
+    recipe = module.real_latents_recipe()
+    side = module.generator.default_resolution // module.generator.vae_scale_factor
+    assert recipe["latent_shape"] == [4, side, side] == list(real.shape[1:])
+
+
+def test_sdxl_one_step_updates_g_and_d_and_feeds_the_captioner_images_in_0_1(tiny_sdxl, captioner, tiny_pairs,
+                                                                             tmp_path, monkeypatch):
+    # CoMat-SDXL as configs/experiment/comat_sdxl.yaml (lambda 0.5, detached grad-step inputs) with every part on.
+    # CoMat's SDXL + GAN code feeds BLIP images in [-1, 1] (../shared/METHODS.md section 3): ours stay in [0, 1].
+    from t2i_align.datamodules import T2IDataModule
+    from t2i_align.datamodules.pairs import PairSource
+    from t2i_align.datamodules.prompts import PromptSource
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    module = make(tiny_sdxl, captioner, adversarial_weight=0.5, detach_input=True,
+                  discriminator_lora=LoraSettings(rank=2), mix_ratio=0.5, segmenter=HalfSegmenter())
+    resolution = module.generator.default_resolution
+    data = T2IDataModule(train_prompts=[PromptSource(str(tmp_path / "prompts.txt"))],
+                         train_pairs=PairSource(tiny_pairs), batch_size=2, resolution=resolution)
+    captioned, conditions = [], []
+    original_ll, original_forward = captioner.log_likelihood, module.discriminator.forward
+
+    def spy_ll(images, texts, rng=None):
+        captioned.append(images.detach())
+        return original_ll(images, texts, rng)
+
+    def spy_forward(latents, condition):
+        conditions.append(condition)
+        return original_forward(latents, condition)
+
+    monkeypatch.setattr(captioner, "log_likelihood", spy_ll)
+    monkeypatch.setattr(module.discriminator, "forward", spy_forward)
+    digests = {"g": trainable_digest(module.generator), "d": trainable_digest(module.discriminator)}
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 1
+    assert trainable_digest(module.generator) != digests["g"]
+    assert trainable_digest(module.discriminator) != digests["d"]
+    assert {"train/i2t_loss", "train/adv_loss", "train/d_loss", "train/pos_loss", "train/neg_loss"} <= set(
+        trainer.callback_metrics)
+    [images] = captioned  # generated (2) and mixed (1) images, decoded: [0, 1], not the VAE's [-1, 1]
+    assert images.shape == (3, 3, resolution, resolution)
+    assert 0 <= images.min() and images.max() <= 1 and images.std() > 0
+    assert conditions and all(set(c["added_cond_kwargs"]) == {"text_embeds", "time_ids"} for c in conditions)
+
+
+def test_sdxl_cache_command_writes_the_on_the_fly_real_latents(tiny_sdxl, captioner, tmp_path):
+    # the real latents' cache (python -m t2i_align.commands.comat_cache, the paper's Appendix E) on SDXL
+    from t2i_align.commands.comat_cache import main as fill_cache
+    from t2i_align.lightning_modules.comat.real_latents import cache_entry_name, read_recipe
+    from tests.helpers import REPO_ROOT
+
+    configs = Path(REPO_ROOT) / "configs"
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    folder = tmp_path / "cache"
+    fill_cache([str(folder), "--config", str(configs / "method/comat.yaml"),
+                "--config", str(configs / "model/sdxl.yaml"), f"--model.init_args.generator.pretrained={tiny_sdxl}",
+                "--model.init_args.generator.weight_dtype=float32", "--model.init_args.generator.lora.rank=4",
+                "--model.init_args.discriminator_lora.rank=2",
+                f"--model.init_args.captioner.init_args.pretrained={captioner.model.name_or_path}",
+                "--model.init_args.captioner.init_args.prefix=", "--model.init_args.sampling.num_inference_steps=6",
+                "--model.init_args.num_grad_steps=2", "--model.init_args.grad_stride=3",
+                "--data=t2i_align.datamodules.T2IDataModule",
+                f"--data.init_args.train_prompts=[{{path: {tmp_path / 'prompts.txt'}}}]",
+                "--data.init_args.batch_size=2", "--batch-size", "2", "--device", "cpu"])
+    module = make(tiny_sdxl, captioner, adversarial_weight=0.5, discriminator_lora=LoraSettings(rank=2),
+                  real_latents=str(folder))
+    ids = ["0", "1"]
+    seeds = module.prompt_seeds(ids, PROMPTS)
+    assert read_recipe(folder) == module.real_latents_recipe()
+    cached = module.real_latents(PROMPTS, seeds, ids)
+    with torch.no_grad():
+        base = Generator(GeneratorConfig(tiny_sdxl, lora=None)).sample(PROMPTS, seeds, decode=False,
+                                                                         sampling=module.sampling).latents
+    torch.testing.assert_close(cached, base, atol=1e-4, rtol=1e-5)
+    assert (folder / cache_entry_name("0", PROMPTS[0])).exists()

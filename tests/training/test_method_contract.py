@@ -85,8 +85,9 @@ METHODS = {"finetune": finetune, "refl": refl, "arl": arl, "comat": comat, "toke
 TRAINING_FREE = {"fine_stage"}
 #: trained parameters besides LoRA a method's checkpoint holds
 OTHER_TRAINABLE = {"comat": ("discriminator.head.",)}
-#: methods that also run on the tiny SDXL pipeline (issue 28); the others still need SDXL work in their modules
-SDXL_METHODS = ("finetune", "refl", "arl", "tokencompose")
+#: methods that also run on the tiny SDXL pipeline (issue 28): every trained method (the training-free fine stage's
+#: SDXL run is tests/training/test_fine_stage.py's)
+SDXL_METHODS = ("finetune", "refl", "arl", "comat", "tokencompose")
 #: (method, base model): every method on the tiny SD pipeline (ids as before), those of SDXL_METHODS on the tiny SDXL
 ON_BASES = [pytest.param(m, "sd", id=m) for m in METHODS] + [pytest.param(m, "sdxl", id=f"{m}-sdxl")
                                                               for m in SDXL_METHODS]
@@ -94,6 +95,7 @@ ON_BASES = [pytest.param(m, "sd", id=m) for m in METHODS] + [pytest.param(m, "sd
 
 def test_every_method_config_is_under_contract():
     assert {p.stem for p in (CONFIGS / "method").glob("*.yaml")} == set(METHODS) | TRAINING_FREE
+    assert set(SDXL_METHODS) == set(METHODS)  # every trained method also on SDXL
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ the non-saturating GAN losses."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,10 +36,15 @@ class LatentDiscriminator(nn.Module):
         self.head = nn.Conv2d(channels, 1, kernel_size=1)
         self.timestep = timestep
 
-    def forward(self, latents: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """Logits of ``latents``; run it under the generator's autocast when the frozen weights are half."""
+    def forward(self, latents: torch.Tensor, condition: dict[str, Any]) -> torch.Tensor:
+        """Logits of ``latents``; run it under the generator's autocast when the frozen weights are half.
+
+        ``condition``: the UNet's conditioning keyword arguments for ``len(latents)`` rows, as
+        :meth:`~t2i_align.diffusion.generator.Generator.condition_kwargs` builds them (``encoder_hidden_states``; for
+        SDXL also ``added_cond_kwargs``: pooled text embedding and size/crop time ids, as CoMat's SDXL discriminator,
+        CaraJ7/CoMat ``training_utils/gan_sdxl.py``, ``D_sdxl.D_sd_pipeline_forward``)."""
         t = torch.full((len(latents),), self.timestep, device=latents.device, dtype=torch.long)
-        out = self.unet(latents, t, encoder_hidden_states=condition.expand(len(latents), -1, -1))
+        out = self.unet(latents, t, **condition)
         return self.head(out.sample.float())
 
 

@@ -421,8 +421,12 @@ class CoMat(AlignmentModule):
         return self._discriminate(latents)
 
     def _discriminate(self, latents: torch.Tensor) -> torch.Tensor:
+        # The empty prompt's condition, one row per latent: SD's [B, 77, D] hidden states; SDXL's XLCondition gives
+        # the pooled embedding and the time ids of the latents' size too (CoMat's SDXL discriminator reads the
+        # negative prompt's embeddings and pooled embedding with the training resolution's ids: gan_sdxl.py).
+        empty = self.generator.empty_embedding().expand(len(latents), -1, -1)
         with self.generator.autocast():
-            return self.discriminator(latents, self.generator.empty_embedding())
+            return self.discriminator(latents, self.generator.condition_kwargs(empty, latents))
 
     def generator_loss(self, batch: dict, prompts: list[str], seeds: list[int], rng: torch.Generator, step_hook=None
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor], SampleOutput]:
