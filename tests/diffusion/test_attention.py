@@ -112,8 +112,8 @@ def test_identity_edit_reproduces_plain_sampling_and_capture_works_in_the_same_c
     for step in (0, 2):
         for name, m in captured.attention.layers(step).items():
             assert torch.equal(edited.attention.layers(step)[name], m)
-    torch.testing.assert_close(edited.latents, plain, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(edited_everywhere, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(edited.latents, plain, atol=1e-4, rtol=1e-5)  # explicit softmax vs SDPA: up to 2e-5 apart at one thread
+    torch.testing.assert_close(edited_everywhere, plain, atol=1e-4, rtol=1e-5)
     assert gen.attention_store.edits == ()  # an edit lasts one call
 
 
