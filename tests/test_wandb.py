@@ -121,6 +121,7 @@ def test_a_resumed_fit_continues_its_wandb_run(tiny_sd, tiny_pairs, tmp_path):
                       f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.max_steps={max_steps}",
                       "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
                       f"--model.init_args.generator.pretrained={tiny_sd}", f"--data.init_args.train_pairs.path={tiny_pairs}",
+                      f"--data.init_args.val_pairs.path={tiny_pairs}",
                       "--data.init_args.batch_size=2", *extra])
         finally:
             wandb.finish()
