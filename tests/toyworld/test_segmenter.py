@@ -53,3 +53,23 @@ def test_noun_phrases_parse_and_bad_input_is_refused():
         seg.masks(torch.full((1, 3, 8, 8), 2.0), [["circle"]])
     with pytest.raises(ValueError, match="2 images but 1 text entries"):
         seg.masks(torch.zeros(2, 3, 8, 8), [["circle"]])
+
+
+def test_misparsed_nouns_get_masks_instead_of_stopping_training():
+    """spaCy's small model makes "cyan" the noun of "a striped cyan square above ..." (9 of ToyWorld's 5,000
+    compositional training prompts): CoMat's attribute concentration gave it to the segmenter, which raised at
+    step 116 of a 400-update run. A phrase of attribute words names every object with them, like an
+    open-vocabulary segmenter; a phrase of no ToyWorld word names nothing."""
+    from t2i_align.diffusion.tokens import load_spacy
+    from t2i_align.experts.entities import parse_entities
+    from t2i_align.toyworld.world import Obj, PromptSpec, Scene
+
+    prompt = "a striped cyan square above a small plain yellow circle"
+    assert [e.noun for e in parse_entities(prompt, load_spacy("en_core_web_sm"))] == ["cyan", "circle"]
+    scene = Scene(PromptSpec((Phrase("square"),)), (Obj("square", "cyan", "big", "striped", 20, 16), Obj("circle", "yellow", "small", "plain", 44, 46),
+                   Obj("star", "cyan", "small", "plain", 48, 14)))
+    image, truth = render(scene)
+    images = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()[None] / 255
+    got = ToySegmenter().masks(images, [["cyan", "striped cyan", "circle", "hexagon", "cyan banana"]])[0].numpy()
+    assert iou(got[0], truth[0] | truth[2]) > 0.75 and iou(got[1], truth[0]) > 0.75 and iou(got[2], truth[1]) > 0.75
+    assert not got[3].any() and not got[4].any()

@@ -4,14 +4,14 @@ by the judge's detections. A phrase is a ToyWorld noun phrase with or without it
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from t2i_align.experts.base import ModelFreeExpert, check_images
 from t2i_align.toyworld.experts.judge import ToyJudge
-from t2i_align.toyworld.world import Phrase, parse_phrase
+from t2i_align.toyworld.world import COLOURS, SIZES, TEXTURES, Phrase, parse_phrase
 
 _HEADS = ("a ", "an ", "one ", "two ", "three ", "four ")
 
@@ -22,8 +22,26 @@ def parse_noun_phrase(text: str) -> Phrase:
     return parse_phrase(t if t.startswith(_HEADS) else f"a {t}", text)
 
 
+def phrase_matcher(text: str) -> Callable[[object], bool]:
+    """Which detections the segmenter's ``text`` names, as an open-vocabulary segmenter would read it: a ToyWorld
+    noun phrase (:func:`parse_noun_phrase`); attribute words alone ("cyan": spaCy's small model makes the colour the
+    noun of "a striped cyan square above ...", see ``t2i_align.experts.entities``) name every object with those
+    attributes; anything else names nothing (an empty mask, never an error in the middle of a training run)."""
+    try:
+        return parse_noun_phrase(text).matches
+    except ValueError:
+        pass
+    vocab = {**{w: "colour" for w in COLOURS}, **{w: "size" for w in SIZES}, **{w: "texture" for w in TEXTURES}}
+    words = text.lower().split()
+    wanted = {vocab[w]: w for w in words if w in vocab}
+    if not words or len(wanted) != len(words):
+        return lambda detection: False
+    return lambda detection: all(getattr(detection, field) == word for field, word in wanted.items())
+
+
 class ToySegmenter(ModelFreeExpert):
-    """Masks of the judge's detections that match each phrase (shape and every stated attribute).
+    """Masks of the judge's detections that match each phrase (shape and every stated attribute;
+    :func:`phrase_matcher` reads the phrases).
 
     Args:
         judge: the ToyWorld judge that detects the objects (a default one when None).
@@ -39,9 +57,9 @@ class ToySegmenter(ModelFreeExpert):
         for detections, texts in zip(self.judge.detect_batch(images.float().cpu()), phrases):
             masks = np.zeros((len(texts), h, w), dtype=bool)
             for k, text in enumerate(texts):
-                phrase = parse_noun_phrase(text)
+                matches = phrase_matcher(text)
                 for d in detections:
-                    if phrase.matches(d):
+                    if matches(d):
                         masks[k] |= d.mask
             out.append(torch.from_numpy(masks).to(images.device))
         return out
