@@ -138,32 +138,46 @@ class PlainLayers:
         self.merged = 0  # layers with a merged weight
         self.active = 0  # layers whose adapters were on (their LoRA weights get no gradient through the plain layer)
         with torch.no_grad():
+            pending = []  # (parent, name, wrapper, its active adapters, whether they add anything: a 0-d tensor)
             for parent in unet.modules():
                 for name, child in parent.named_children():
-                    if isinstance(child, LoraLayer):
-                        plain = self._plain(child)
-                        if plain is not None:
-                            self.entries.append((parent, name, child, plain))
+                    if not isinstance(child, LoraLayer):
+                        continue
+                    adapters = self._adapters(child)
+                    if adapters is None:
+                        continue  # left in place as it is
+                    if not adapters:  # adapters off: the base layer is the function
+                        self.entries.append((parent, name, child, child.get_base_layer()))
+                        continue
+                    self.active += 1
+                    adds = torch.stack([child.lora_A[a].weight.any() & child.lora_B[a].weight.any() for a in adapters])
+                    pending.append((parent, name, child, adapters, adds.any()))
+            # read on the host once for all layers (one sync on a GPU, not one a layer); a zero factor (peft starts B
+            # at zero) makes the wrapper add exactly zero, and the base layer is then the same function, bit for bit
+            device = pending[0][-1].device if pending else None
+            nonzero = torch.stack([adds.to(device) for *_, adds in pending]).tolist() if pending else []
+            for (parent, name, child, adapters, _), merge in zip(pending, nonzero):
+                plain = child.get_base_layer()
+                if merge:
+                    self.merged += 1
+                    delta = sum(child.get_delta_weight(a) for a in adapters)  # one layer's at a time: bounded memory
+                    weight = (plain.weight.float() + delta.float()).to(plain.weight.dtype)
+                    plain = _MergedLinear(plain, weight) if isinstance(plain, nn.Linear) else _MergedConv2d(plain, weight)
+                self.entries.append((parent, name, child, plain))
 
-    def _plain(self, layer: LoraLayer) -> nn.Module | None:
+    @staticmethod
+    def _adapters(layer: LoraLayer) -> list[str] | None:
+        """The active adapters of a plain ``nn.Linear``/``nn.Conv2d`` LoRA wrapper ([] when switched off), None for a
+        wrapper to leave in place."""
         base = layer.get_base_layer()
         if type(base) not in (nn.Linear, nn.Conv2d) or layer.merged:
             return None
         if layer.disable_adapters:
-            return base
+            return []
         adapters = [a for a in layer.active_adapters if a in layer.lora_A]
         if any(a in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(a) for a in adapters):
             return None
-        self.active += 1
-        delta = None
-        for adapter in adapters:
-            d = layer.get_delta_weight(adapter)
-            delta = d if delta is None else delta + d
-        if delta is None or not bool(delta.any()):
-            return base  # the wrapper adds exactly zero: the base layer is the same function, bit for bit
-        self.merged += 1
-        weight = (base.weight.float() + delta.float()).to(base.weight.dtype)
-        return _MergedLinear(base, weight) if isinstance(base, nn.Linear) else _MergedConv2d(base, weight)
+        return adapters
 
     def __len__(self) -> int:
         return len(self.entries)

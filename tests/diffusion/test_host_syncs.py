@@ -181,3 +181,35 @@ def test_grounding_losses_read_the_masks_once_per_batch_not_per_noun_or_layer():
         return counts["__bool__"] + counts["item"] + counts["tolist"]
 
     assert reads(6, 4) == reads(2, 1) == 1
+
+
+# ------------------------------------------------------------------------------------------- merged LoRA layers
+@torch.no_grad()
+def test_plain_layers_read_the_host_once_for_all_layers_and_merge_only_non_zero_adapters():
+    """PlainLayers (built at every no-grad sampling call) asked each layer whether its delta was zero: one sync per
+    LoRA layer. Now one read for all, and the layers whose adapter is zero still get their base layer back."""
+    import os
+
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from t2i_align.diffusion.lora import PlainLayers
+    from tests.helpers import REPO_ROOT
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(REPO_ROOT, "models", "toyworld", "pipeline"),
+                                                subfolder="unet").eval().requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"]))
+    gen = torch.Generator().manual_seed(0)
+    lora_b = [(n, p) for n, p in unet.named_parameters() if "lora_B" in n]
+    for i, (_, p) in enumerate(lora_b):
+        if i % 3:  # every third adapter stays zero (peft's initialisation)
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    with host_reads() as reads:
+        plain = PlainLayers(unet)
+    assert len(plain) == len(lora_b) > 20
+    assert sum(reads.values()) == 1
+    assert plain.merged == sum(1 for i in range(len(lora_b)) if i % 3)
+    zero = {n.rsplit(".lora_B", 1)[0] for i, (n, _) in enumerate(lora_b) if not i % 3}
+    names = {id(m): n for n, m in unet.named_modules()}
+    for parent, name, wrapper, stand_in in plain.entries:
+        assert (stand_in is wrapper.get_base_layer()) == (names[id(wrapper)] in zero)
