@@ -19,6 +19,9 @@ the chosen checkpoints against the base on the evaluation prompts. The kind of s
    ``<out>.md`` the tables; ``<out>_grid.png`` the first 32 evaluation samples of the base (top) and of the last
    arm (bottom), same prompts and seeds. Finished evaluations of the same request are reused (``runs/compare/``)
    unless ``--reevaluate``.
+
+``--validation-only`` stops after step 2 and reports the curves and choices alone: for tuning a setting among arms
+(CoMat's mixed-latent range and ratio) on the validation prompts, before the chosen one joins a study.
 """
 
 from __future__ import annotations
@@ -92,13 +95,16 @@ def validation_seeds() -> int:
     return int(toy["init_args"].get("images_per_prompt", 1))
 
 
-def markdown(results: dict) -> str:
+def validation_markdown(results: dict) -> str:
+    """The validation curves and chosen steps of every arm (all that ``--validation-only`` reports)."""
     seeds = results["settings"].get("validation_seeds", 1)  # results from before it was recorded used 1
-    lines = [f"Validation all_clauses (mean over categories, 50 validation prompts per category, {seeds} "
-             f"seed{'s' if seeds > 1 else ''}) along training, with the difference from step 0 and its paired 95 % "
-             "interval; 'chosen' = the stopping step:",
-             "", *curve_table(results), "", report.markdown(results)]
-    return "\n".join(lines)
+    return "\n".join([f"Validation all_clauses (mean over categories, 50 validation prompts per category, {seeds} "
+                      f"seed{'s' if seeds > 1 else ''}) along training, with the difference from step 0 and its "
+                      "paired 95 % interval; 'chosen' = the stopping step:", "", *curve_table(results), ""])
+
+
+def markdown(results: dict) -> str:
+    return "\n".join([validation_markdown(results), report.markdown(results)])
 
 
 def stack_grids(top: Path, bottom: Path, out: Path) -> None:
@@ -126,6 +132,9 @@ def main(arms: Mapping[str, Model], out: str, max_steps: int, description: str, 
     p.add_argument("--reevaluate", action="store_true")
     p.add_argument("--training-seeds", type=int, nargs="+", default=[0],
                    help="train every arm once per seed (0: the configs' own seeds; harness.training_seed)")
+    p.add_argument("--validation-only", action="store_true",
+                   help="train and report the validation curves and chosen steps only (tuning a setting): nothing is "
+                        "generated for the evaluation prompts")
     a = p.parse_args(argv)
 
     runs = {training_seed(arms[name], seed).name: training_seed(arms[name], seed)
@@ -133,6 +142,15 @@ def main(arms: Mapping[str, Model], out: str, max_steps: int, description: str, 
     fit_args = ["--config", VAL_CONFIG, f"--trainer.max_steps={a.max_steps}"]
     for arm in runs.values():  # all training first: the choices are made before any evaluation prompt is generated
         fit(arm, fit_args, a.retrain, min_step=a.max_steps)
+    if a.validation_only:
+        results = report.new_results(study, {"max_steps": a.max_steps, "validation_seeds": validation_seeds(),
+                                             "training_seeds": a.training_seeds, "validation_only": True})
+        for name, arm in runs.items():
+            curve = learning_curve(arm.run_dir, a.max_steps)
+            report.add_model(results, arm, fit=fit(arm, fit_args, min_step=a.max_steps), arm=name,
+                             curve={str(s): v for s, v in curve.items()}, step=choose_step(curve))
+        print(report.write_report(a.out, results, validation_markdown))
+        return
     results = report.new_results(study, {"max_steps": a.max_steps, "full_per_category": a.full_per_category,
                                          "seeds": a.seeds, "validation_seeds": validation_seeds(),
                                          "training_seeds": a.training_seeds})

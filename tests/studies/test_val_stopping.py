@@ -160,3 +160,23 @@ def test_training_seeds_train_each_arm_again_in_its_own_run(tmp_path, stand):
     seeded = results["models"]["A (training seed 1) (step 100)"]
     assert "--model.init_args.seed=1" in seeded["overrides"] and seeded["checkpoint"].startswith(f"{run}_seed1/")
     assert results["settings"]["training_seeds"] == [0, 1]
+
+
+def test_validation_only_reports_the_curves_and_generates_nothing_for_the_evaluation_prompts(tmp_path, stand):
+    """Tuning a setting (CoMat's mixed-latent range and ratio): the arms are compared on validation only."""
+    arms = {}
+    for name, best in (("A", 100), ("B", 200)):
+        run = tmp_path / "runs" / name
+        for step in (0, 100, 200):
+            write_step(run, step, lambda c, i, good=step == best: float(i < (3 if good else 1)))
+        arms[name] = harness.Model(name, (f"{name}.yaml",), str(run))
+    out = tmp_path / "tuning"
+    val_stopping.main(arms, "unused", 200, "doc", "a_study", ["--out", str(out), "--validation-only"])
+    assert stand.passes == []  # no evaluation pass at all, not even the base's
+    assert [name for name, *_ in stand.fits] == ["A", "B", "A", "B"]
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert {n: (m["arm"], m["step"], m["full_toy"]) for n, m in results["models"].items()} == {
+        "A": ("A", 100, None), "B": ("B", 200, None)}
+    assert results["settings"]["validation_only"] is True and results["comparisons"] == []
+    text = out.with_suffix(".md").read_text()
+    assert text == val_stopping.validation_markdown(results) and "| B | 0.200 | 0.200 (+0.000" in text
