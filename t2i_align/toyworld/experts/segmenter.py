@@ -40,8 +40,8 @@ def phrase_matcher(text: str) -> Callable[[object], bool]:
 
 
 class ToySegmenter(ModelFreeExpert):
-    """Masks of the judge's detections that match each phrase (shape and every stated attribute;
-    :func:`phrase_matcher` reads the phrases).
+    """Masks of the judge's detections that match each phrase (shape and every stated attribute; how a phrase is
+    read: ``phrase_matcher``).
 
     Args:
         judge: the ToyWorld judge that detects the objects (a default one when None).
