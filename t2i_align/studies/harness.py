@@ -224,7 +224,16 @@ def resolved_config(args: Sequence[str]) -> dict:
     with warnings.catch_warnings():  # args given while the study has its own command line: on purpose
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         config = ParseOnly(args=list(args), run=False).config.as_dict()
-    return json.loads(json.dumps(config, default=str))
+    return json.loads(json.dumps(config, default=_json_value))
+
+
+def _json_value(value: object) -> str:
+    """A non-JSON value of a resolved config as a string that is the same in every process: a function or class by
+    its import path (``str`` would give its memory address, e.g. CoMat's ``discriminator_optimizer`` default, and so
+    another evaluation key, and no reuse, in every study run)."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    return re.sub(r" at 0x[0-9a-f]+", "", str(value))
 
 
 @functools.lru_cache(maxsize=64)

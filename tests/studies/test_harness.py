@@ -5,6 +5,9 @@ callback's arguments are called). The CLI is replaced by a stand-in here, except
 import copy
 import inspect
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -358,3 +361,18 @@ def test_a_training_seed_reaches_the_resolved_config_and_the_evaluation_key():
     assert config["trainer"]["default_root_dir"] == f"{model.run_dir}_seed1"
     assert harness.resolved_config(model.args())["model"]["init_args"]["seed"] == 0
     assert harness.evaluation_key(seeded.args(), None) != harness.evaluation_key(model.args(), None)
+
+
+def test_the_key_of_a_stack_with_a_function_default_is_the_same_in_every_process():
+    """CoMat's ``discriminator_optimizer`` defaults to a function, which ``str`` wrote with its memory address: every
+    study run got another key for the same evaluation and re-ran it (found when an ablation re-scored all its arms)."""
+    from t2i_align.studies.comat_ablation import ARMS
+
+    args = [*ARMS["CA+FP"].args(), "--config", harness.EVAL_CONFIG]
+    key = harness.key_digest(harness.evaluation_key(args, None))
+    assert " at 0x" not in json.dumps(harness.evaluation_key(args, None))
+    code = ("import sys; from t2i_align.studies import harness; "
+            "print(harness.key_digest(harness.evaluation_key(sys.argv[1:], None)))")
+    other = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
+                           cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert other.stdout.split()[-1] == key
