@@ -14,6 +14,8 @@ from t2i_align.toyworld.experts.judge import ToyJudge
 from t2i_align.toyworld.world import COLOURS, SIZES, TEXTURES, Phrase, parse_phrase
 
 _HEADS = ("a ", "an ", "one ", "two ", "three ", "four ")
+_ATTRIBUTE_FIELDS = {**dict.fromkeys(COLOURS, "colour"), **dict.fromkeys(SIZES, "size"),
+                     **dict.fromkeys(TEXTURES, "texture")}  # word -> the Obj field it states
 
 
 def parse_noun_phrase(text: str) -> Phrase:
@@ -31,9 +33,8 @@ def phrase_matcher(text: str) -> Callable[[object], bool]:
         return parse_noun_phrase(text).matches
     except ValueError:
         pass
-    vocab = {**{w: "colour" for w in COLOURS}, **{w: "size" for w in SIZES}, **{w: "texture" for w in TEXTURES}}
     words = text.lower().split()
-    wanted = {vocab[w]: w for w in words if w in vocab}
+    wanted = {_ATTRIBUTE_FIELDS[w]: w for w in words if w in _ATTRIBUTE_FIELDS}
     if not words or len(wanted) != len(words):
         return lambda detection: False
     return lambda detection: all(getattr(detection, field) == word for field, word in wanted.items())
